@@ -1,0 +1,211 @@
+"""A bank of dense experts stored as stacked weights."""
+
+import keras
+from keras import ops
+
+from moe_keras import _validation
+
+
+def _per_expert_initializer(initializer, num_experts):
+    """Makes a fan-based initializer see one expert's `(in, out)` fans.
+
+    Keras' variance-scaling initializers treat the leading axes of a
+    `(experts, in, out)` kernel as a receptive field, which would shrink
+    every expert's weights by `sqrt(num_experts)`. Scaling the variance back
+    by `num_experts` gives each expert the init a `Dense` layer would get,
+    while one draw over the whole tensor keeps the experts distinct even
+    with a seeded initializer.
+    """
+    if isinstance(initializer, keras.initializers.VarianceScaling):
+        return keras.initializers.VarianceScaling(
+            scale=initializer.scale * num_experts,
+            mode=initializer.mode,
+            distribution=initializer.distribution,
+            seed=initializer.seed,
+        )
+    return initializer
+
+
+@keras.saving.register_keras_serializable(package="moe_keras")
+class DenseExperts(keras.layers.Layer):
+    """A bank of `num_experts` dense experts held as stacked weights.
+
+    Every expert is the same small network with its own weights: a single
+    projection `activation(x @ W_e + b_e)` (like `Dense(units)`), or with
+    `hidden_units` a two-layer MLP `activation(x @ W1_e + b1_e) @ W2_e + b2_e`.
+    `gated=True` makes the first projection a GLU,
+    `activation(x @ Wg_e) * (x @ Wu_e)` (SwiGLU with `activation="silu"`);
+    its gate and up projections share one fused kernel so each is one matmul.
+    Weights are stacked along a leading experts axis, so all experts run as
+    one batched matmul rather than a Python loop over layers.
+
+    Args:
+        num_experts: int, number of experts E.
+        units: int, output features of every expert.
+        hidden_units: int or None. With an int, each expert is a two-layer
+            MLP with this hidden size. Defaults to `None` (one projection).
+        activation: activation of the hidden layer (or of the output when
+            `hidden_units` is None). Defaults to `None` (linear).
+        gated: bool, whether the first projection is a GLU. Defaults to
+            `False`.
+        use_bias: bool. Defaults to `True`.
+        kernel_initializer, bias_initializer, kernel_regularizer,
+        bias_regularizer, kernel_constraint, bias_constraint: as in `Dense`,
+            applied to every expert.
+
+    Input shape:
+        `(..., features)` when called directly; every expert is applied to
+        every position. With `grouped=True`: `(num_experts, tokens,
+        features)`, one group of tokens per expert.
+
+    Output shape:
+        `(..., num_experts, units)`, or `(num_experts, tokens, units)` with
+        `grouped=True`.
+
+    Example:
+
+    >>> experts = DenseExperts(num_experts=4, units=8, hidden_units=16)
+    >>> experts(np.zeros((2, 3), "float32")).shape
+    (2, 4, 8)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        units,
+        hidden_units=None,
+        activation=None,
+        gated=False,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = _validation.positive_int(num_experts, "num_experts")
+        self.units = _validation.positive_int(units, "units")
+        self.hidden_units = _validation.positive_int(
+            hidden_units, "hidden_units", allow_none=True
+        )
+        self.activation = keras.activations.get(activation)
+        self.gated = bool(gated)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+
+    def _projection(self, name, fan_in, fan_out):
+        kernel = self.add_weight(
+            name=f"{name}kernel",
+            shape=(self.num_experts, fan_in, fan_out),
+            initializer=_per_expert_initializer(
+                self.kernel_initializer, self.num_experts
+            ),
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.add_weight(
+                name=f"{name}bias",
+                shape=(self.num_experts, fan_out),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+        return kernel, bias
+
+    def build(self, input_shape):
+        features = _validation.feature_dim(input_shape, self.name)
+        first_units = self.hidden_units or self.units
+        # A GLU's gate and up halves live side by side in one kernel.
+        width = 2 * first_units if self.gated else first_units
+        if self.hidden_units is None:
+            self.kernel, self.bias = self._projection("", features, width)
+        else:
+            self.kernel_in, self.bias_in = self._projection(
+                "in_", features, width
+            )
+            self.kernel_out, self.bias_out = self._projection(
+                "out_", self.hidden_units, self.units
+            )
+
+    def _first_projection(self):
+        if self.hidden_units is None:
+            return self.kernel, self.bias
+        return self.kernel_in, self.bias_in
+
+    def _activate(self, h):
+        if self.gated:
+            gate, up = ops.split(h, 2, axis=-1)
+            return self.activation(gate) * up
+        return self.activation(h)
+
+    def call(self, inputs, grouped=False):
+        kernel, bias = self._first_projection()
+        if grouped:
+            # [experts, tokens, features] -> [experts, tokens, width]
+            h = ops.einsum("etd,edh->eth", inputs, kernel)
+            if bias is not None:
+                h = h + bias[:, None, :]
+        else:
+            # [..., features] -> [..., experts, width]
+            h = ops.einsum("...d,edh->...eh", inputs, kernel)
+            if bias is not None:
+                h = h + bias
+        h = self._activate(h)
+        if self.hidden_units is None:
+            return h
+        if grouped:
+            out = ops.einsum("eth,ehu->etu", h, self.kernel_out)
+            if self.bias_out is not None:
+                out = out + self.bias_out[:, None, :]
+        else:
+            out = ops.einsum("...eh,ehu->...eu", h, self.kernel_out)
+            if self.bias_out is not None:
+                out = out + self.bias_out
+        return out
+
+    def compute_output_spec(self, inputs, grouped=False):
+        shape = tuple(inputs.shape[:-1])
+        shape += (self.units,) if grouped else (self.num_experts, self.units)
+        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "units": self.units,
+                "hidden_units": self.hidden_units,
+                "activation": keras.activations.serialize(self.activation),
+                "gated": self.gated,
+                "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(
+                    self.bias_initializer
+                ),
+                "kernel_regularizer": keras.regularizers.serialize(
+                    self.kernel_regularizer
+                ),
+                "bias_regularizer": keras.regularizers.serialize(
+                    self.bias_regularizer
+                ),
+                "kernel_constraint": keras.constraints.serialize(
+                    self.kernel_constraint
+                ),
+                "bias_constraint": keras.constraints.serialize(
+                    self.bias_constraint
+                ),
+            }
+        )
+        return config

@@ -1,0 +1,104 @@
+"""Plain NumPy references of the layers, written from their weights alone."""
+
+import numpy as np
+
+ACTIVATIONS = {
+    None: lambda h: h,
+    "linear": lambda h: h,
+    "relu": lambda h: np.maximum(h, 0.0),
+    "silu": lambda h: h / (1.0 + np.exp(-h)),
+}
+
+
+def softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def experts_forward(experts, x):
+    """Every expert on every row of `x` `[T, d]` -> `[T, E, units]`."""
+    act = ACTIVATIONS[experts.get_config()["activation"]]
+    weights = {v.path.split("/")[-1]: np.asarray(v) for v in experts.weights}
+    outs = []
+    for e in range(experts.num_experts):
+        if experts.hidden_units is None:
+            kernel, bias = weights["kernel"][e], weights.get("bias")
+        else:
+            kernel, bias = weights["in_kernel"][e], weights.get("in_bias")
+        h = x @ kernel + (bias[e] if bias is not None else 0.0)
+        if experts.gated:
+            half = h.shape[-1] // 2
+            h = act(h[:, :half]) * h[:, half:]
+        else:
+            h = act(h)
+        if experts.hidden_units is not None:
+            out_bias = weights.get("out_bias")
+            h = h @ weights["out_kernel"][e] + (
+                out_bias[e] if out_bias is not None else 0.0
+            )
+        outs.append(h)
+    return np.stack(outs, axis=1)
+
+
+def gate_forward(gate, x):
+    """Returns `(probs, logits)` of a gate on `x` `[T, d]`."""
+    logits = x @ np.asarray(gate.kernel)
+    if gate.bias is not None:
+        logits = logits + np.asarray(gate.bias)
+    name = type(gate).__name__
+    probs = softmax(logits) if name == "SoftmaxGate" else sigmoid(logits)
+    return probs, logits
+
+
+def top_k_weights(probs, k, normalize):
+    """Dense `[T, E]` combine weights keeping each row's k largest."""
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    weights = np.zeros_like(probs)
+    rows = np.arange(probs.shape[0])[:, None]
+    weights[rows, order] = probs[rows, order]
+    if normalize:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return weights, order
+
+
+def capacity_keep(order, num_experts, capacity, valid=None):
+    """Which `(token, choice)` assignments fit in their expert's capacity:
+    all first choices claim slots (in token order) before second choices."""
+    tokens, k = order.shape
+    keep = np.zeros((tokens, k), bool)
+    used = np.zeros(num_experts, int)
+    for j in range(k):
+        for t in range(tokens):
+            if valid is not None and not valid[t]:
+                continue
+            e = order[t, j]
+            if used[e] < capacity:
+                keep[t, j] = True
+                used[e] += 1
+    return keep
+
+
+def moe_forward(layer, x, capacity=None, valid=None):
+    """NumPy forward of an `MoE` layer on `x` `[T, d]` -> `[T, units]`.
+
+    With `capacity`, assignments that do not fit are dropped, as the sparse
+    dispatch does."""
+    probs, _ = gate_forward(layer.gate, x)
+    if layer.top_k is None:
+        weights = probs
+    else:
+        normalize = type(layer.gate).__name__ == "SoftmaxGate"
+        weights, order = top_k_weights(probs, layer.top_k, normalize)
+        if capacity is not None:
+            keep = capacity_keep(order, layer.num_experts, capacity, valid)
+            rows = np.arange(x.shape[0])[:, None]
+            weights[rows, order] *= keep
+    if valid is not None:
+        weights = weights * valid[:, None]
+    outs = experts_forward(layer.experts, x)
+    return np.einsum("te,teu->tu", weights, outs)

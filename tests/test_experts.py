@@ -1,0 +1,109 @@
+import keras
+import numpy as np
+import pytest
+
+from moe_keras import DenseExperts
+from tests import reference
+from tests.layer_test_utils import run_layer_test
+
+CONFIGS = [
+    dict(),
+    dict(activation="relu"),
+    dict(hidden_units=6, activation="relu"),
+    dict(hidden_units=6, activation="silu", gated=True),
+    dict(gated=True, activation="silu", use_bias=False),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_layer_contract(config, tmp_path):
+    num_weights = (1 if config.get("hidden_units") is None else 2) * (
+        2 if config.get("use_bias", True) else 1
+    )
+    run_layer_test(
+        DenseExperts,
+        dict(num_experts=3, units=5, **config),
+        input_shape=(8, 4),
+        expected_output_shape=(8, 3, 5),
+        expected_num_trainable_weights=num_weights,
+        tmp_path=tmp_path,
+    )
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_matches_numpy_reference(config):
+    experts = DenseExperts(num_experts=3, units=5, **config)
+    x = np.random.normal(size=(10, 4)).astype("float32")
+    experts.build(x.shape)
+    # Non-zero biases so that a misplaced bias shows.
+    for w in experts.weights:
+        w.assign(np.random.normal(size=w.shape).astype("float32"))
+    np.testing.assert_allclose(
+        np.asarray(experts(x)),
+        reference.experts_forward(experts, x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_grouped_call_runs_each_expert_on_its_own_tokens():
+    experts = DenseExperts(num_experts=3, units=5, hidden_units=7, gated=True)
+    grouped = np.random.normal(size=(3, 6, 4)).astype("float32")
+    out = np.asarray(experts(grouped, grouped=True))
+    assert out.shape == (3, 6, 5)
+    for e in range(3):
+        every_expert = np.asarray(experts(grouped[e]))  # [6, E, 5]
+        np.testing.assert_allclose(out[e], every_expert[:, e], atol=1e-5)
+
+
+def test_any_input_rank():
+    experts = DenseExperts(num_experts=2, units=3)
+    assert tuple(experts(np.zeros((2, 5, 7, 4), "float32")).shape) == (
+        2,
+        5,
+        7,
+        2,
+        3,
+    )
+
+
+def test_experts_are_initialised_like_dense_layers():
+    """Each expert's kernel has the spread a `Dense` kernel would have,
+    and the experts differ from one another."""
+    experts = DenseExperts(num_experts=16, units=64, kernel_initializer="glorot_uniform")
+    experts.build((None, 64))
+    kernel = np.asarray(experts.kernel)
+    limit = np.sqrt(6.0 / (64 + 64))
+    assert kernel.max() <= limit and kernel.max() > 0.9 * limit
+    assert not np.allclose(kernel[0], kernel[1])
+
+
+def test_seeded_initializer_keeps_experts_distinct():
+    experts = DenseExperts(
+        num_experts=4,
+        units=8,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=3),
+    )
+    experts.build((None, 8))
+    kernel = np.asarray(experts.kernel)
+    assert not np.allclose(kernel[0], kernel[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(num_experts=0, units=4), ValueError),
+        (dict(num_experts=2.5, units=4), TypeError),
+        (dict(num_experts=2, units=0), ValueError),
+        (dict(num_experts=2, units=4, hidden_units=-1), ValueError),
+        (dict(num_experts=2, units=4, activation="no_such_act"), ValueError),
+    ],
+)
+def test_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        DenseExperts(**kwargs)
+
+
+def test_unknown_feature_dimension():
+    with pytest.raises(ValueError, match="last dimension"):
+        DenseExperts(num_experts=2, units=3).build((None, None))
