@@ -16,6 +16,8 @@ def update_if_tracked(metric, value):
     if backend.backend() == "jax" and stateless_scope.in_stateless_scope():
         scope = stateless_scope.get_stateless_scope()
         if any(scope.get_current_value(v) is None for v in metric.variables):
-            if any(getattr(v, "_value", None) is None for v in metric.variables):
+            if any(
+                getattr(v, "_value", None) is None for v in metric.variables
+            ):
                 return
     metric.update_state(value)

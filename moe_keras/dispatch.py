@@ -184,4 +184,3 @@ def scatter_weights(weights, indices, num_experts):
     """Top-k weights `[T, k]` at `indices` as a dense `[T, E]` matrix."""
     choice = ops.one_hot(indices, num_experts, dtype=weights.dtype)
     return ops.einsum("tk,tke->te", weights, choice)
-

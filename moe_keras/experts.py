@@ -149,28 +149,41 @@ class DenseExperts(keras.layers.Layer):
         return self.activation(h)
 
     def call(self, inputs, grouped=False):
-        kernel, bias = self._first_projection()
         if grouped:
-            # [experts, tokens, features] -> [experts, tokens, width]
-            h = ops.einsum("etd,edh->eth", inputs, kernel)
-            if bias is not None:
-                h = h + bias[:, None, :]
-        else:
-            # [..., features] -> [..., experts, width]
-            h = ops.einsum("...d,edh->...eh", inputs, kernel)
-            if bias is not None:
-                h = h + bias
+            return self._grouped(inputs)
+        # Every expert on every position. Flattened to plain matmuls: an
+        # einsum with an ellipsis here makes TensorFlow broadcast to
+        # [tokens, experts, features, hidden] before contracting.
+        shape = ops.shape(inputs)
+        x = ops.reshape(inputs, (-1, shape[-1]))  # [tokens, features]
+        kernel, bias = self._first_projection()
+        width = ops.shape(kernel)[-1]
+        # [features, experts * width]: all first projections in one matmul.
+        stacked = ops.reshape(ops.transpose(kernel, (1, 0, 2)), (shape[-1], -1))
+        h = ops.reshape(ops.matmul(x, stacked), (-1, self.num_experts, width))
+        if bias is not None:
+            h = h + bias  # [tokens, experts, width]
+        h = self._activate(h)
+        if self.hidden_units is not None:
+            h = ops.einsum("teh,ehu->teu", h, self.kernel_out)
+            if self.bias_out is not None:
+                h = h + self.bias_out
+        return ops.reshape(
+            h, tuple(shape[:-1]) + (self.num_experts, self.units)
+        )
+
+    def _grouped(self, inputs):
+        kernel, bias = self._first_projection()
+        # [experts, tokens, features] -> [experts, tokens, width]
+        h = ops.einsum("etd,edh->eth", inputs, kernel)
+        if bias is not None:
+            h = h + bias[:, None, :]
         h = self._activate(h)
         if self.hidden_units is None:
             return h
-        if grouped:
-            out = ops.einsum("eth,ehu->etu", h, self.kernel_out)
-            if self.bias_out is not None:
-                out = out + self.bias_out[:, None, :]
-        else:
-            out = ops.einsum("...eh,ehu->...eu", h, self.kernel_out)
-            if self.bias_out is not None:
-                out = out + self.bias_out
+        out = ops.einsum("eth,ehu->etu", h, self.kernel_out)
+        if self.bias_out is not None:
+            out = out + self.bias_out[:, None, :]
         return out
 
     def compute_output_spec(self, inputs, grouped=False):

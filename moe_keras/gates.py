@@ -110,7 +110,11 @@ class Gate(keras.layers.Layer):
     def compute_output_spec(self, inputs, return_logits=False):
         shape = tuple(inputs.shape[:-1]) + (self.num_experts,)
         spec = keras.KerasTensor(shape, dtype=self.compute_dtype)
-        return (spec, keras.KerasTensor(shape, dtype=self.compute_dtype)) if return_logits else spec
+        return (
+            (spec, keras.KerasTensor(shape, dtype=self.compute_dtype))
+            if return_logits
+            else spec
+        )
 
     def get_config(self):
         config = super().get_config()
@@ -177,9 +181,7 @@ class SigmoidGate(Gate):
         return ops.sigmoid(logits)
 
     def balance_distribution(self, probs):
-        return probs / ops.maximum(
-            ops.sum(probs, axis=-1, keepdims=True), 1e-9
-        )
+        return probs / ops.maximum(ops.sum(probs, axis=-1, keepdims=True), 1e-9)
 
 
 _GATES = {"softmax": SoftmaxGate, "sigmoid": SigmoidGate}

@@ -44,9 +44,7 @@ def load_balance_loss(router_probs, expert_indices, num_experts, mask=None):
     per_token_fraction = ops.mean(choices, axis=1)  # [tokens, experts]
     fraction = _masked_mean(per_token_fraction, mask)  # [experts]
     mean_prob = _masked_mean(router_probs, mask)  # [experts]
-    return float(num_experts) * ops.sum(
-        ops.stop_gradient(fraction) * mean_prob
-    )
+    return float(num_experts) * ops.sum(ops.stop_gradient(fraction) * mean_prob)
 
 
 def router_z_loss(router_logits, mask=None):

@@ -8,7 +8,9 @@ def gradients(fn, *args):
     """d sum(fn(*args) * cotangent) / d args, with a fixed random cotangent."""
     args = [np.asarray(a, "float32") for a in args]
     out_shape = tuple(keras.ops.shape(fn(*args)))
-    cotangent = np.random.RandomState(7).normal(size=out_shape).astype("float32")
+    cotangent = (
+        np.random.RandomState(7).normal(size=out_shape).astype("float32")
+    )
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf

@@ -13,8 +13,8 @@ import numpy as np
 
 
 def _inputs(input_shape, seed=0):
-    return np.random.RandomState(seed).normal(size=input_shape).astype(
-        "float32"
+    return (
+        np.random.RandomState(seed).normal(size=input_shape).astype("float32")
     )
 
 

@@ -16,14 +16,23 @@ def _routing(tokens, experts, k, seed=0):
     return order, weights
 
 
-@pytest.mark.parametrize("tokens, experts, k, capacity", [(12, 4, 1, 2), (12, 4, 2, 3), (16, 8, 3, 2), (5, 3, 3, 5)])
+@pytest.mark.parametrize(
+    "tokens, experts, k, capacity",
+    [(12, 4, 1, 2), (12, 4, 2, 3), (16, 8, 3, 2), (5, 3, 3, 5)],
+)
 @pytest.mark.parametrize("masked", [False, True])
-def test_plan_keeps_what_fits_first_choices_first(tokens, experts, k, capacity, masked):
+def test_plan_keeps_what_fits_first_choices_first(
+    tokens, experts, k, capacity, masked
+):
     order, _ = _routing(tokens, experts, k)
-    valid = np.random.RandomState(1).uniform(size=tokens) > 0.3 if masked else None
+    valid = (
+        np.random.RandomState(1).uniform(size=tokens) > 0.3 if masked else None
+    )
     plan = dispatch.RoutePlan(order, experts, capacity, valid)
     expected = reference.capacity_keep(order, experts, capacity, valid)
-    np.testing.assert_array_equal(np.asarray(plan.kept).reshape(tokens, k), expected)
+    np.testing.assert_array_equal(
+        np.asarray(plan.kept).reshape(tokens, k), expected
+    )
     routed = (valid.sum() if masked else tokens) * k
     assert float(plan.routed) == routed
     assert float(plan.dropped) == routed - expected.sum()
@@ -44,7 +53,9 @@ def _numpy_dispatch_combine(x, order, weights, experts, capacity, expert_fn):
     for t in range(x.shape[0]):
         for j in range(order.shape[1]):
             if keep[t, j]:
-                out[t] += weights[t, j] * expert_fn(x[t : t + 1], order[t, j])[0]
+                out[t] += (
+                    weights[t, j] * expert_fn(x[t : t + 1], order[t, j])[0]
+                )
     return out
 
 
@@ -65,7 +76,9 @@ def test_dispatch_combine_forward_and_gradients(capacity):
     expected = _numpy_dispatch_combine(
         x, order, weights, experts, capacity, lambda v, e: v @ kernels[e]
     )
-    np.testing.assert_allclose(np.asarray(sparse(x, weights, kernels)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(sparse(x, weights, kernels)), expected, rtol=1e-5, atol=1e-5
+    )
 
     # The hand-written gradients equal autodiff through a dense, masked
     # formulation of the same function.
@@ -77,5 +90,8 @@ def test_dispatch_combine_forward_and_gradients(capacity):
         combine = ops.einsum("tk,tke->te", weights * keep, onehot)
         return ops.einsum("te,teu->tu", combine, every)
 
-    for got, want in zip(gradients(sparse, x, weights, kernels), gradients(dense, x, weights, kernels)):
+    for got, want in zip(
+        gradients(sparse, x, weights, kernels),
+        gradients(dense, x, weights, kernels),
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -70,7 +70,9 @@ def test_any_input_rank():
 def test_experts_are_initialised_like_dense_layers():
     """Each expert's kernel has the spread a `Dense` kernel would have,
     and the experts differ from one another."""
-    experts = DenseExperts(num_experts=16, units=64, kernel_initializer="glorot_uniform")
+    experts = DenseExperts(
+        num_experts=16, units=64, kernel_initializer="glorot_uniform"
+    )
     experts.build((None, 64))
     kernel = np.asarray(experts.kernel)
     limit = np.sqrt(6.0 / (64 + 64))

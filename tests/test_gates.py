@@ -25,24 +25,36 @@ def test_layer_contract(gate_cls, use_bias, tmp_path):
 
 @pytest.mark.parametrize("gate_cls", [SoftmaxGate, SigmoidGate])
 def test_matches_numpy_reference(gate_cls):
-    gate = gate_cls(num_experts=5, use_bias=True, bias_initializer="random_normal")
+    gate = gate_cls(
+        num_experts=5, use_bias=True, bias_initializer="random_normal"
+    )
     x = np.random.normal(size=(7, 4)).astype("float32")
     probs, logits = gate(x, return_logits=True)
     ref_probs, ref_logits = reference.gate_forward(gate, x)
-    np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(probs), ref_probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(logits), ref_logits, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(probs), ref_probs, rtol=1e-5, atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("gate_cls, normalize", [(SoftmaxGate, True), (SigmoidGate, False)])
+@pytest.mark.parametrize(
+    "gate_cls, normalize", [(SoftmaxGate, True), (SigmoidGate, False)]
+)
 def test_select_top_k(gate_cls, normalize):
     gate = gate_cls(num_experts=6)
     probs = np.random.uniform(0.01, 1, size=(9, 6)).astype("float32")
     probs = probs / probs.sum(-1, keepdims=True)
     weights, indices = gate.select(probs, 3)
     ref, order = reference.top_k_weights(probs, 3, normalize)
-    np.testing.assert_array_equal(np.sort(np.asarray(indices), -1), np.sort(order, -1))
+    np.testing.assert_array_equal(
+        np.sort(np.asarray(indices), -1), np.sort(order, -1)
+    )
     rows = np.arange(9)[:, None]
-    np.testing.assert_allclose(np.asarray(weights), ref[rows, np.asarray(indices)], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(weights), ref[rows, np.asarray(indices)], rtol=1e-6
+    )
 
 
 def test_router_is_float32_under_mixed_precision():

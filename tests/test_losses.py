@@ -32,7 +32,9 @@ def test_load_balance_loss(k, masked):
     probs = reference.softmax(logits).astype("float32")
     _, indices = reference.top_k_weights(probs, k, True)
     mask = (rng.uniform(size=20) > 0.3) if masked else None
-    value = losses.load_balance_loss(probs, indices.astype("int32"), 4, mask=mask)
+    value = losses.load_balance_loss(
+        probs, indices.astype("int32"), 4, mask=mask
+    )
     np.testing.assert_allclose(
         float(value), _numpy_load_balance(probs, indices, 4, mask), rtol=1e-5
     )
@@ -41,9 +43,14 @@ def test_load_balance_loss(k, masked):
 def test_load_balance_loss_is_one_when_uniform_and_grows_when_skewed():
     probs = np.full((8, 4), 0.25, "float32")
     indices = np.arange(8).reshape(8, 1).astype("int32") % 4
-    np.testing.assert_allclose(float(losses.load_balance_loss(probs, indices, 4)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(losses.load_balance_loss(probs, indices, 4)), 1.0, rtol=1e-6
+    )
     skewed = np.tile(np.array([[0.97, 0.01, 0.01, 0.01]], "float32"), (8, 1))
-    assert float(losses.load_balance_loss(skewed, np.zeros((8, 1), "int32"), 4)) > 3.5
+    assert (
+        float(losses.load_balance_loss(skewed, np.zeros((8, 1), "int32"), 4))
+        > 3.5
+    )
 
 
 @pytest.mark.parametrize("masked", [False, True])

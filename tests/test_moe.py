@@ -38,7 +38,17 @@ def _randomize(layer):
     [
         (dict(num_experts=4, units=5), 3),
         (dict(num_experts=4, units=5, top_k=2, dispatch="sparse"), 3),
-        (dict(num_experts=4, units=5, top_k=1, gate="sigmoid", hidden_units=6, gated=True), 5),
+        (
+            dict(
+                num_experts=4,
+                units=5,
+                top_k=1,
+                gate="sigmoid",
+                hidden_units=6,
+                gated=True,
+            ),
+            5,
+        ),
     ],
 )
 def test_layer_contract(kwargs, num_weights, tmp_path):
@@ -57,12 +67,17 @@ def test_layer_contract(kwargs, num_weights, tmp_path):
 @pytest.mark.parametrize("top_k", [None, 1, 2])
 @pytest.mark.parametrize("form", EXPERT_FORMS)
 def test_forward_matches_numpy_reference(gate, top_k, form):
-    layer = MoE(num_experts=4, units=5, gate=gate, top_k=top_k, dispatch="dense", **form)
+    layer = MoE(
+        num_experts=4, units=5, gate=gate, top_k=top_k, dispatch="dense", **form
+    )
     x = _x((16, 3))
     layer.build(x.shape)
     _randomize(layer)
     np.testing.assert_allclose(
-        np.asarray(layer(x)), reference.moe_forward(layer, x), rtol=1e-4, atol=1e-4
+        np.asarray(layer(x)),
+        reference.moe_forward(layer, x),
+        rtol=1e-4,
+        atol=1e-4,
     )
 
 
@@ -99,7 +114,14 @@ def _weight_gradients(layer, x):
 
 
 def test_sparse_gradients_equal_dense_gradients():
-    common = dict(num_experts=4, units=5, top_k=2, hidden_units=6, gated=True, activation="silu")
+    common = dict(
+        num_experts=4,
+        units=5,
+        top_k=2,
+        hidden_units=6,
+        gated=True,
+        activation="silu",
+    )
     dense = MoE(dispatch="dense", **common)
     sparse = MoE(dispatch="sparse", capacity_factor=2.0, **common)
     x = _x((12, 3))
@@ -107,12 +129,16 @@ def test_sparse_gradients_equal_dense_gradients():
     sparse.build(x.shape)
     _randomize(dense)
     sparse.set_weights(dense.get_weights())
-    for got, want in zip(_weight_gradients(sparse, x), _weight_gradients(dense, x)):
+    for got, want in zip(
+        _weight_gradients(sparse, x), _weight_gradients(dense, x)
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_sparse_drops_what_exceeds_capacity():
-    layer = MoE(num_experts=4, units=5, top_k=2, dispatch="sparse", capacity_factor=0.5)
+    layer = MoE(
+        num_experts=4, units=5, top_k=2, dispatch="sparse", capacity_factor=0.5
+    )
     x = _x((32, 3))
     layer.build(x.shape)
     _randomize(layer)
@@ -126,7 +152,9 @@ def test_sparse_drops_what_exceeds_capacity():
 
 
 def test_dropped_fraction_metric():
-    layer = MoE(num_experts=4, units=5, top_k=1, dispatch="sparse", capacity_factor=1.0)
+    layer = MoE(
+        num_experts=4, units=5, top_k=1, dispatch="sparse", capacity_factor=1.0
+    )
     x = _x((32, 3))
     layer.build(x.shape)
     # A router that ties all experts sends everything to expert 0, which
@@ -143,7 +171,10 @@ def test_dropped_fraction_metric():
 )
 def test_dropped_fraction_in_fit_logs():
     model = keras.Sequential(
-        [keras.Input((3,)), MoE(num_experts=4, units=2, top_k=1, capacity_factor=0.5)]
+        [
+            keras.Input((3,)),
+            MoE(num_experts=4, units=2, top_k=1, capacity_factor=0.5),
+        ]
     )
     model.compile("sgd", "mse")
     history = model.fit(_x((64, 3)), _x((64, 2), 1), epochs=1, verbose=0)
@@ -154,7 +185,9 @@ def test_dropped_fraction_in_fit_logs():
 @pytest.mark.parametrize("rank_shape", [(6, 3), (2, 5, 3), (2, 3, 4, 3)])
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
 def test_any_input_rank_routes_per_position(rank_shape, dispatch):
-    layer = MoE(num_experts=3, units=4, top_k=2, dispatch=dispatch, capacity_factor=2.0)
+    layer = MoE(
+        num_experts=3, units=4, top_k=2, dispatch=dispatch, capacity_factor=2.0
+    )
     x = _x(rank_shape)
     y = np.asarray(layer(x))
     assert y.shape == rank_shape[:-1] + (4,)
@@ -177,7 +210,14 @@ def test_training_step_changes_router_and_experts():
 @pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("top_k", [None, 2])
 def test_auxiliary_losses_match_numpy(gate, top_k):
-    layer = MoE(num_experts=4, units=2, gate=gate, top_k=top_k, load_balance_weight=0.5, z_loss_weight=0.25)
+    layer = MoE(
+        num_experts=4,
+        units=2,
+        gate=gate,
+        top_k=top_k,
+        load_balance_weight=0.5,
+        z_loss_weight=0.25,
+    )
     x = _x((20, 3))
     layer(x)
     assert layer.losses == []  # inference adds no loss
@@ -196,7 +236,9 @@ def test_auxiliary_losses_match_numpy(gate, top_k):
 
 
 def test_loss_weights_of_zero_add_no_loss():
-    layer = MoE(num_experts=4, units=2, load_balance_weight=0.0, z_loss_weight=0.0)
+    layer = MoE(
+        num_experts=4, units=2, load_balance_weight=0.0, z_loss_weight=0.0
+    )
     layer(_x((4, 3)), training=True)
     assert layer.losses == []
 
@@ -206,7 +248,15 @@ def test_loss_weights_of_zero_add_no_loss():
 
 def _functional_model(**kwargs):
     inputs = keras.Input((5, 3))
-    x = MoE(num_experts=4, units=6, top_k=2, hidden_units=8, gated=True, activation="silu", **kwargs)(inputs)
+    x = MoE(
+        num_experts=4,
+        units=6,
+        top_k=2,
+        hidden_units=8,
+        gated=True,
+        activation="silu",
+        **kwargs,
+    )(inputs)
     outputs = MoE(num_experts=3, units=2, gate="sigmoid")(x)
     return keras.Model(inputs, outputs)
 
@@ -214,7 +264,9 @@ def _functional_model(**kwargs):
 @pytest.mark.parametrize("gate", ["softmax", "sigmoid", "instance"])
 def test_config_round_trip(gate):
     if gate == "instance":
-        gate = SoftmaxGate(num_experts=4, use_bias=True, kernel_initializer="zeros")
+        gate = SoftmaxGate(
+            num_experts=4, use_bias=True, kernel_initializer="zeros"
+        )
     layer = MoE(
         num_experts=4,
         units=3,
@@ -241,7 +293,9 @@ def test_keras_file_round_trip(tmp_path):
     path = os.path.join(tmp_path, "model.keras")
     model.save(path)
     reloaded = keras.saving.load_model(path)
-    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        reloaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
     # Keras turns tuples into lists on the way through JSON; compare as JSON.
     assert json.dumps(reloaded.get_config(), sort_keys=True) == json.dumps(
         model.get_config(), sort_keys=True
@@ -265,11 +319,15 @@ def test_saved_model_export_serves_the_same_numbers(tmp_path):
     model.export(path, format="tf_saved_model", verbose=False)
     served_model = tf.saved_model.load(path)
     served = served_model.serve(tf.constant(x))
-    np.testing.assert_allclose(np.asarray(served), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(served), expected, rtol=1e-5, atol=1e-6
+    )
     # Another batch size than the one traced.
     x2 = _x((7, 5, 3), 4)
     served2 = served_model.serve(tf.constant(x2))
-    np.testing.assert_allclose(np.asarray(served2), model.predict(x2, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(served2), model.predict(x2, verbose=0), rtol=1e-5, atol=1e-6
+    )
 
 
 # --- compilation and precision -------------------------------------------------
@@ -277,7 +335,11 @@ def test_saved_model_export_serves_the_same_numbers(tmp_path):
 
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
 def test_jit_compiled_training(dispatch):
-    model = _functional_model(dispatch=dispatch) if dispatch == "sparse" else _functional_model()
+    model = (
+        _functional_model(dispatch=dispatch)
+        if dispatch == "sparse"
+        else _functional_model()
+    )
     model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=True)
     x, y = _x((64, 5, 3)), _x((64, 5, 2), 1)
     first = model.evaluate(x, y, verbose=0)
@@ -289,13 +351,18 @@ def test_jit_compiled_training(dispatch):
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
 def test_mixed_precision(policy, dispatch):
     keras.config.set_dtype_policy(policy)
-    layer = MoE(num_experts=4, units=3, top_k=2, dispatch=dispatch, hidden_units=4)
+    layer = MoE(
+        num_experts=4, units=3, top_k=2, dispatch=dispatch, hidden_units=4
+    )
     compute = policy.split("_")[1]
     y = layer(_x((6, 3)))
     assert keras.backend.standardize_dtype(y.dtype) == compute
     assert layer.gate.compute_dtype == "float32"
     assert layer.experts.compute_dtype == compute
-    assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in layer.weights)
+    assert all(
+        keras.backend.standardize_dtype(w.dtype) == "float32"
+        for w in layer.weights
+    )
     model = keras.Sequential([keras.Input((3,)), layer])
     model.compile("adam", "mse")
     model.fit(_x((16, 3)), _x((16, 3), 1), epochs=1, verbose=0)
@@ -306,7 +373,9 @@ def test_mixed_precision(policy, dispatch):
 
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
 def test_masked_positions(dispatch):
-    layer = MoE(num_experts=4, units=3, top_k=1, dispatch=dispatch, capacity_factor=0.5)
+    layer = MoE(
+        num_experts=4, units=3, top_k=1, dispatch=dispatch, capacity_factor=0.5
+    )
     x = _x((2, 8, 3))
     mask = np.ones((2, 8), bool)
     mask[:, 5:] = False
@@ -314,19 +383,27 @@ def test_masked_positions(dispatch):
     assert np.all(y[~mask] == 0)
     # The real positions come out as if the padding were not there at all.
     valid = mask.reshape(-1)
-    capacity = dispatch_lib.capacity(16, 1, 4, 0.5) if dispatch == "sparse" else None
-    expected = reference.moe_forward(layer, x.reshape(-1, 3), capacity=capacity, valid=valid)
+    capacity = (
+        dispatch_lib.capacity(16, 1, 4, 0.5) if dispatch == "sparse" else None
+    )
+    expected = reference.moe_forward(
+        layer, x.reshape(-1, 3), capacity=capacity, valid=valid
+    )
     np.testing.assert_allclose(y.reshape(-1, 3), expected, rtol=1e-4, atol=1e-5)
     # Losses ignore padding: garbage in padded positions changes nothing.
     losses = [float(v) for v in layer.losses]
     x_noisy = x.copy()
     x_noisy[~mask] = 100.0
     layer(x_noisy, mask=mask, training=True)
-    np.testing.assert_allclose([float(v) for v in layer.losses], losses, rtol=1e-5)
+    np.testing.assert_allclose(
+        [float(v) for v in layer.losses], losses, rtol=1e-5
+    )
 
 
 def test_padding_takes_no_capacity():
-    layer = MoE(num_experts=2, units=3, top_k=1, dispatch="sparse", capacity_factor=1.0)
+    layer = MoE(
+        num_experts=2, units=3, top_k=1, dispatch="sparse", capacity_factor=1.0
+    )
     x = _x((1, 8, 3))
     mask = np.array([[True] * 4 + [False] * 4])
     layer.build(x.shape)
@@ -355,7 +432,9 @@ def test_mask_propagates_through_a_model():
     np.testing.assert_allclose(pooled[0], trimmed[0], rtol=1e-5)
     embed_model = keras.Model(inputs, model.layers[2].output)
     per_position = embed_model.predict(ids[:1], verbose=0)[0]
-    np.testing.assert_allclose(pooled[0], per_position[:3].mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        pooled[0], per_position[:3].mean(0), rtol=1e-4, atol=1e-6
+    )
 
 
 # --- bad input ------------------------------------------------------------------
@@ -370,13 +449,37 @@ def test_mask_propagates_through_a_model():
         (dict(num_experts=4, units=4, top_k=0), ValueError, "top_k"),
         (dict(num_experts=4, units=4, top_k=5), ValueError, "top_k"),
         (dict(num_experts=4, units=4, gate="relu"), ValueError, "gate"),
-        (dict(num_experts=4, units=4, gate=keras.layers.Dense(4)), TypeError, "gate"),
-        (dict(num_experts=4, units=4, gate=SigmoidGate(num_experts=3)), ValueError, "num_experts"),
+        (
+            dict(num_experts=4, units=4, gate=keras.layers.Dense(4)),
+            TypeError,
+            "gate",
+        ),
+        (
+            dict(num_experts=4, units=4, gate=SigmoidGate(num_experts=3)),
+            ValueError,
+            "num_experts",
+        ),
         (dict(num_experts=4, units=4, dispatch="fast"), ValueError, "dispatch"),
-        (dict(num_experts=4, units=4, top_k=None, dispatch="sparse"), ValueError, "top_k"),
-        (dict(num_experts=4, units=4, top_k=2, capacity_factor=0), ValueError, "capacity_factor"),
-        (dict(num_experts=4, units=4, top_k=2, capacity_factor=-1.0), ValueError, "capacity_factor"),
-        (dict(num_experts=4, units=4, load_balance_weight=-0.1), ValueError, "load_balance_weight"),
+        (
+            dict(num_experts=4, units=4, top_k=None, dispatch="sparse"),
+            ValueError,
+            "top_k",
+        ),
+        (
+            dict(num_experts=4, units=4, top_k=2, capacity_factor=0),
+            ValueError,
+            "capacity_factor",
+        ),
+        (
+            dict(num_experts=4, units=4, top_k=2, capacity_factor=-1.0),
+            ValueError,
+            "capacity_factor",
+        ),
+        (
+            dict(num_experts=4, units=4, load_balance_weight=-0.1),
+            ValueError,
+            "load_balance_weight",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
