@@ -22,16 +22,15 @@ from keras import ops
 def capacity(num_tokens, top_k, num_experts, capacity_factor):
     """Slots per expert: `ceil(capacity_factor * tokens * k / E)`.
 
-    `capacity_factor=None` is dropless: `C = tokens`, which an expert can
-    never exceed since a token's k choices are distinct experts. `C` is
-    computed in exact integer arithmetic (so it is the same number whether
+    `capacity_factor=None` is dropless and returns `None` (see
+    `RoutePlan`'s block layout). `C` is computed in exact integer arithmetic (so it is the same number whether
     `tokens` is a Python int, a symbolic dimension of a JAX export, or a
     scalar tensor of a dynamic batch in TensorFlow) and, for a known token
     count, clamped to `[1, tokens]`; clamping changes no result, as with
     `C >= tokens` nothing is dropped either way.
     """
     if capacity_factor is None:
-        return max(num_tokens, 1) if isinstance(num_tokens, int) else num_tokens
+        return None
     ratio = Fraction(capacity_factor * top_k / num_experts).limit_denominator(
         1 << 20
     )
@@ -45,16 +44,42 @@ def capacity(num_tokens, top_k, num_experts, capacity_factor):
     return c
 
 
+def block_size(num_assignments, num_experts):
+    """Rows per block of the dropless layout.
+
+    Padding costs up to `E * (b - 1)` extra rows of expert compute, while
+    each block gathers its expert's weights, so small blocks cost weight
+    traffic: a block of about `assignments / (4 E)` rows (a power of two in
+    [16, 512]) keeps the padding near a quarter of the work.
+    """
+    if not isinstance(num_assignments, int):
+        return 128
+    target = max(num_assignments // (4 * num_experts), 1)
+    return int(min(max(1 << (target.bit_length() - 1), 16), 512))
+
+
 class RoutePlan:
     """Where each assignment goes, computed once from the router's choice.
 
+    Two buffer layouts, both of static shape `[groups, group_size, ...]`:
+
+    - capacity (`capacity_` an int): group `e` is expert `e`'s buffer of
+      `C` slots; assignments past `C` are dropped.
+    - dropless (`capacity_=None`): assignments sorted by expert into blocks
+      of `block_size` rows, each expert's rows padded to whole blocks, so a
+      block belongs to one expert (`group_expert`) and nothing is dropped.
+      At most `(T * k + E * (b - 1)) / b` blocks are ever needed.
+
     Attributes:
+        num_groups, group_size: the buffer layout.
+        group_expert: `[num_groups]` int32, the expert of each block
+            (`None` in the capacity layout, where group `e` is expert `e`).
         assignment_slot: `[tokens * k]` int32, the buffer slot of each
             assignment (token-major), clamped to a valid slot when dropped.
         kept: `[tokens * k]` float, 1 where the assignment has a slot.
-        slot_assignment: `[E * C]` int32, the assignment in each slot
+        slot_assignment: `[slots]` int32, the assignment in each slot
             (0 for an empty slot, which `slot_filled` marks).
-        slot_filled: `[E * C]` float, 1 where a slot holds an assignment.
+        slot_filled: `[slots]` float, 1 where a slot holds an assignment.
         expert_counts: `[E]` float, assignments each expert was chosen
             for (before dropping).
         dropped: float scalar, assignments dropped for lack of capacity.
@@ -64,9 +89,7 @@ class RoutePlan:
     def __init__(self, indices, num_experts, capacity_, valid=None):
         num_tokens, top_k = ops.shape(indices)[0], ops.shape(indices)[1]
         self.num_experts = num_experts
-        self.capacity = capacity_
         self.top_k = top_k
-        num_slots = num_experts * capacity_
 
         # [tokens, k, experts]; masked tokens claim no expert at all.
         choice = ops.one_hot(indices, num_experts, dtype="int32")
@@ -84,10 +107,37 @@ class RoutePlan:
             ops.transpose(ops.reshape(position, (top_k, -1)), (1, 0)), (-1,)
         )  # [tokens * k]
         routed = ops.reshape(ops.sum(choice, axis=-1), (-1,)) > 0
-        keep = ops.logical_and(routed, position < capacity_)
-
+        counts = ops.sum(choice, axis=(0, 1))  # [experts] int32
         flat_indices = ops.reshape(indices, (-1,))
-        slot = flat_indices * capacity_ + position
+
+        if capacity_ is not None:
+            self.num_groups, self.group_size = num_experts, capacity_
+            self.group_expert = None
+            keep = ops.logical_and(routed, position < capacity_)
+            slot = flat_indices * capacity_ + position
+        else:
+            size = block_size(num_tokens * top_k, num_experts)
+            self.group_size = size
+            self.num_groups = (
+                num_tokens * top_k + num_experts * (size - 1)
+            ) // size
+            blocks = (counts + size - 1) // size  # [experts]
+            block_end = ops.cumsum(blocks)
+            block_start = block_end - blocks
+            keep = routed
+            slot = ops.take(block_start, flat_indices) * size + position
+            # [groups]: the expert whose blocks cover each block; blocks
+            # past the last expert's are empty and borrow expert E - 1.
+            block_ids = ops.arange(self.num_groups, dtype="int32")
+            self.group_expert = ops.minimum(
+                ops.sum(
+                    ops.cast(block_ids[:, None] >= block_end[None, :], "int32"),
+                    axis=-1,
+                ),
+                num_experts - 1,
+            )
+        num_slots = self.num_groups * self.group_size
+
         # Dropped assignments write into an overflow slot that is cut off.
         slot_or_overflow = ops.where(keep, slot, num_slots)
         assignment_ids = ops.arange(1, num_tokens * top_k + 1, dtype="int32")
@@ -101,14 +151,14 @@ class RoutePlan:
         self.assignment_slot = ops.where(keep, slot, 0)
         self.slot_filled = ops.cast(slot_assignment > 0, "float32")
         self.slot_assignment = ops.maximum(slot_assignment - 1, 0)
-        self.expert_counts = ops.cast(ops.sum(choice, axis=(0, 1)), "float32")
+        self.expert_counts = ops.cast(counts, "float32")
         self.routed = ops.sum(ops.cast(routed, "float32"))
         self.dropped = self.routed - ops.sum(self.kept)
 
 
 def dispatch(x, plan):
-    """Tokens `[T, d]` -> expert buffers `[E, C, d]` (empty slots hold
-    token 0; their outputs are never read)."""
+    """Tokens `[T, d]` -> buffers `[groups, group_size, d]` (empty slots
+    hold token 0; their outputs are never read)."""
     top_k = plan.top_k
     num_tokens, features = ops.shape(x)[0], ops.shape(x)[1]
     slot_token = plan.slot_assignment // top_k
@@ -129,11 +179,11 @@ def dispatch(x, plan):
         return buffers, backward
 
     buffers = ops.custom_gradient(forward)(x)
-    return ops.reshape(buffers, (plan.num_experts, plan.capacity, features))
+    return ops.reshape(buffers, (plan.num_groups, plan.group_size, features))
 
 
 def combine(expert_outputs, weights, plan):
-    """Expert buffers `[E, C, u]` and combine weights `[T, k]` -> `[T, u]`.
+    """Buffers `[groups, group_size, u]` and weights `[T, k]` -> `[T, u]`.
 
     `y_t = sum_j w_tj * out[slot(t, j)]`, dropped assignments contributing 0.
     """

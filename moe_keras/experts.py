@@ -26,6 +26,10 @@ def _per_expert_initializer(initializer, num_experts):
     return initializer
 
 
+def _take(weight, indices):
+    return None if weight is None else ops.take(weight, indices, axis=0)
+
+
 @keras.saving.register_keras_serializable(package="moe_keras")
 class DenseExperts(keras.layers.Layer):
     """A bank of `num_experts` dense experts held as stacked weights.
@@ -129,6 +133,7 @@ class DenseExperts(keras.layers.Layer):
         width = 2 * first_units if self.gated else first_units
         if self.hidden_units is None:
             self.kernel, self.bias = self._projection("", features, width)
+            self.kernel_out = self.bias_out = None
         else:
             self.kernel_in, self.bias_in = self._projection(
                 "in_", features, width
@@ -148,9 +153,9 @@ class DenseExperts(keras.layers.Layer):
             return self.activation(gate) * up
         return self.activation(h)
 
-    def call(self, inputs, grouped=False):
+    def call(self, inputs, grouped=False, group_experts=None):
         if grouped:
-            return self._grouped(inputs)
+            return self._grouped(inputs, group_experts)
         # Every expert on every position. Flattened to plain matmuls: an
         # einsum with an ellipsis here makes TensorFlow broadcast to
         # [tokens, experts, features, hidden] before contracting.
@@ -172,21 +177,32 @@ class DenseExperts(keras.layers.Layer):
             h, tuple(shape[:-1]) + (self.num_experts, self.units)
         )
 
-    def _grouped(self, inputs):
+    def _grouped(self, inputs, group_experts):
         kernel, bias = self._first_projection()
-        # [experts, tokens, features] -> [experts, tokens, width]
-        h = ops.einsum("etd,edh->eth", inputs, kernel)
+        kernel_out, bias_out = self.kernel_out, self.bias_out
+        if group_experts is not None:
+            # Each group runs the expert it belongs to.
+            kernel, kernel_out = (
+                _take(kernel, group_experts),
+                _take(kernel_out, group_experts),
+            )
+            bias, bias_out = (
+                _take(bias, group_experts),
+                _take(bias_out, group_experts),
+            )
+        # [groups, tokens, features] -> [groups, tokens, width]
+        h = ops.einsum("gtd,gdh->gth", inputs, kernel)
         if bias is not None:
             h = h + bias[:, None, :]
         h = self._activate(h)
         if self.hidden_units is None:
             return h
-        out = ops.einsum("eth,ehu->etu", h, self.kernel_out)
-        if self.bias_out is not None:
-            out = out + self.bias_out[:, None, :]
+        out = ops.einsum("gth,ghu->gtu", h, kernel_out)
+        if bias_out is not None:
+            out = out + bias_out[:, None, :]
         return out
 
-    def compute_output_spec(self, inputs, grouped=False):
+    def compute_output_spec(self, inputs, grouped=False, group_experts=None):
         shape = tuple(inputs.shape[:-1])
         shape += (self.units,) if grouped else (self.num_experts, self.units)
         return keras.KerasTensor(shape, dtype=self.compute_dtype)

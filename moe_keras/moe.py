@@ -35,8 +35,12 @@ class MoE(keras.layers.Layer):
       dropped: they contribute zero (a residual connection around the layer
       carries the position through), and the fraction dropped is the
       metric `<layer name>_dropped_fraction`.
-    - `"auto"` picks sparse for top-k routing with a capacity, dense
-      otherwise.
+      With `capacity_factor=None` the sparse dispatch is dropless: the
+      assignments are sorted by expert into fixed-size blocks, each expert
+      padded to whole blocks, so nothing is dropped and the padding is
+      bounded by `num_experts * block` rows.
+    - `"auto"` picks sparse for top-k routing with `top_k < num_experts`,
+      dense otherwise.
 
     While training, the layer adds the Switch load-balancing loss and the
     ST-MoE router z-loss (`moe_keras.losses`) with `add_loss`. The router
@@ -167,9 +171,8 @@ class MoE(keras.layers.Layer):
     def sparse(self):
         """Whether this layer runs the sparse (capacity) dispatch."""
         if self.dispatch == "auto":
-            # Dropless sparse buffers hold `tokens` slots per expert, the
-            # same work as computing every expert, so dense is faster.
-            return self.top_k is not None and self.capacity_factor is not None
+            # With k = E every expert runs on every token anyway.
+            return self.top_k is not None and self.top_k < self.num_experts
         return self.dispatch == "sparse"
 
     def _capacity_factor(self, training):
@@ -228,8 +231,10 @@ class MoE(keras.layers.Layer):
         plan = dispatch_lib.RoutePlan(
             indices, self.num_experts, capacity, valid
         )
-        buffers = dispatch_lib.dispatch(x, plan)  # [E, C, features]
-        outputs = self.experts(buffers, grouped=True)  # [E, C, units]
+        buffers = dispatch_lib.dispatch(x, plan)  # [groups, size, features]
+        outputs = self.experts(
+            buffers, grouped=True, group_experts=plan.group_expert
+        )  # [groups, size, units]
         _metrics_utils.update_if_tracked(
             self.dropped_fraction, plan.dropped / ops.maximum(plan.routed, 1.0)
         )

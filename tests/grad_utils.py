@@ -19,7 +19,8 @@ def gradients(fn, *args):
         with tf.GradientTape() as tape:
             tape.watch(tensors)
             value = tf.reduce_sum(fn(*tensors) * cotangent)
-        return [np.asarray(g) for g in tape.gradient(value, tensors)]
+        grads = tape.gradient(value, tensors)
+        return [np.asarray(tf.convert_to_tensor(g)) for g in grads]
     if backend == "jax":
         import jax
 

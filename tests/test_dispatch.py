@@ -38,13 +38,27 @@ def test_plan_keeps_what_fits_first_choices_first(
     assert float(plan.dropped) == routed - expected.sum()
 
 
+def test_dropless_blocks_hold_every_assignment_with_bounded_padding():
+    tokens, experts, k = 300, 8, 2
+    order, _ = _routing(tokens, experts, k)
+    plan = dispatch.RoutePlan(order, experts, None)
+    size = plan.group_size
+    assert plan.num_groups * size <= tokens * k + experts * (size - 1)
+    assert float(np.asarray(plan.kept).sum()) == tokens * k
+    slots = np.asarray(plan.assignment_slot)
+    assert len(np.unique(slots)) == tokens * k  # one slot each
+    # Every assignment sits in a block of the expert it chose.
+    group_expert = np.asarray(plan.group_expert)
+    np.testing.assert_array_equal(group_expert[slots // size], order.ravel())
+
+
 def test_capacity_formula():
     assert dispatch.capacity(4096, 2, 8, 1.0) == 1024
     assert dispatch.capacity(4096, 2, 8, 1.25) == 1280
     assert dispatch.capacity(10, 2, 8, 1.0) == 3  # ceil(2.5)
     assert dispatch.capacity(3, 2, 8, 100.0) == 3  # never more than tokens
     assert dispatch.capacity(1, 1, 64, 1.0) == 1  # never zero
-    assert dispatch.capacity(40, 2, 8, None) == 40  # dropless
+    assert dispatch.capacity(40, 2, 8, None) is None  # dropless
 
 
 def _numpy_dispatch_combine(x, order, weights, experts, capacity, expert_fn):
@@ -59,18 +73,27 @@ def _numpy_dispatch_combine(x, order, weights, experts, capacity, expert_fn):
     return out
 
 
-@pytest.mark.parametrize("capacity", [2, 6, 16])
-def test_dispatch_combine_forward_and_gradients(capacity):
-    tokens, experts, k, d, u = 16, 4, 2, 5, 3
-    order, weights = _routing(tokens, experts, k, seed=capacity)
+@pytest.mark.parametrize(
+    "tokens, capacity",
+    [(16, 2), (16, 6), (16, 16), (16, None), (64, None), (200, None)],
+)
+def test_dispatch_combine_forward_and_gradients(tokens, capacity):
+    """Capacity buffers, and (capacity=None) the dropless block layout."""
+    experts, k, d, u = 4, 2, 5, 3
+    order, weights = _routing(tokens, experts, k, seed=tokens)
     rng = np.random.RandomState(2)
     x = rng.normal(size=(tokens, d)).astype("float32")
     kernels = rng.normal(size=(experts, d, u)).astype("float32")
     plan = dispatch.RoutePlan(order, experts, capacity)
+    if capacity is None:
+        assert float(plan.dropped) == 0.0
+        capacity = tokens * k  # the references then keep everything
 
     def sparse(x, weights, kernels):
         buffers = dispatch.dispatch(x, plan)
-        outputs = ops.einsum("ecd,edu->ecu", buffers, kernels)
+        if plan.group_expert is not None:
+            kernels = ops.take(kernels, plan.group_expert, axis=0)
+        outputs = ops.einsum("gcd,gdu->gcu", buffers, kernels)
         return dispatch.combine(outputs, weights, plan)
 
     expected = _numpy_dispatch_combine(

@@ -84,11 +84,15 @@ def test_forward_matches_numpy_reference(gate, top_k, form):
 @pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("form", EXPERT_FORMS)
-def test_sparse_equals_dense_when_nothing_is_dropped(gate, top_k, form):
+@pytest.mark.parametrize("dropless", [False, True])
+def test_sparse_equals_dense_when_nothing_is_dropped(
+    gate, top_k, form, dropless
+):
     common = dict(num_experts=4, units=5, gate=gate, top_k=top_k, **form)
     dense = MoE(dispatch="dense", **common)
     # capacity_factor=E/k gives every expert room for every token.
-    sparse = MoE(dispatch="sparse", capacity_factor=4.0 / top_k, **common)
+    capacity_factor = None if dropless else 4.0 / top_k
+    sparse = MoE(dispatch="sparse", capacity_factor=capacity_factor, **common)
     x = _x((2, 7, 3))
     dense.build(x.shape)
     sparse.build(x.shape)
@@ -113,7 +117,8 @@ def _weight_gradients(layer, x):
     return gradients(fn, x, *weights)
 
 
-def test_sparse_gradients_equal_dense_gradients():
+@pytest.mark.parametrize("capacity_factor", [2.0, None])
+def test_sparse_gradients_equal_dense_gradients(capacity_factor):
     common = dict(
         num_experts=4,
         units=5,
@@ -123,7 +128,7 @@ def test_sparse_gradients_equal_dense_gradients():
         activation="silu",
     )
     dense = MoE(dispatch="dense", **common)
-    sparse = MoE(dispatch="sparse", capacity_factor=2.0, **common)
+    sparse = MoE(dispatch="sparse", capacity_factor=capacity_factor, **common)
     x = _x((12, 3))
     dense.build(x.shape)
     sparse.build(x.shape)
@@ -333,13 +338,16 @@ def test_saved_model_export_serves_the_same_numbers(tmp_path):
 # --- compilation and precision -------------------------------------------------
 
 
-@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
-def test_jit_compiled_training(dispatch):
-    model = (
-        _functional_model(dispatch=dispatch)
-        if dispatch == "sparse"
-        else _functional_model()
-    )
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(dispatch="dense"),
+        dict(dispatch="sparse"),
+        dict(dispatch="sparse", capacity_factor=None),
+    ],
+)
+def test_jit_compiled_training(kwargs):
+    model = _functional_model(**kwargs)
     model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=True)
     x, y = _x((64, 5, 3)), _x((64, 5, 2), 1)
     first = model.evaluate(x, y, verbose=0)
