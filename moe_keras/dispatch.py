@@ -101,7 +101,7 @@ class RoutePlan:
         by_choice = ops.reshape(
             ops.transpose(choice, (1, 0, 2)), (-1, num_experts)
         )  # [k * tokens, experts]
-        rank = ops.cumsum(by_choice, axis=0) - by_choice
+        rank = _exclusive_cumsum(by_choice)
         position = ops.sum(rank * by_choice, axis=-1)  # [k * tokens]
         position = ops.reshape(
             ops.transpose(ops.reshape(position, (top_k, -1)), (1, 0)), (-1,)
@@ -196,13 +196,17 @@ def combine(expert_outputs, weights, plan):
     slot_assignment = plan.slot_assignment
     slot_filled = plan.slot_filled
 
+    def picked(flat_outputs):
+        # [T, k, u]. Recomputed in the backward pass rather than kept: as a
+        # gather feeding a reduction, XLA fuses it into one pass over memory.
+        rows = ops.take(flat_outputs, assignment_slot, axis=0)
+        return ops.reshape(rows, (-1, top_k, units))
+
     def forward(flat_outputs, weights):
         dtype = flat_outputs.dtype
         kept_weights = ops.reshape(weights, (-1,)) * ops.cast(kept, dtype)
-        picked = ops.take(flat_outputs, assignment_slot, axis=0)  # [T*k, u]
-        picked = ops.reshape(picked, (-1, top_k, units))  # [T, k, u]
         kept_weights_tk = ops.reshape(kept_weights, (-1, top_k))
-        y = ops.sum(picked * kept_weights_tk[..., None], axis=1)  # [T, u]
+        y = ops.sum(picked(flat_outputs) * kept_weights_tk[..., None], axis=1)
 
         def backward(*args, upstream=None):
             if upstream is None:
@@ -212,7 +216,9 @@ def combine(expert_outputs, weights, plan):
             slot_weight = slot_weight * ops.cast(slot_filled, dtype)
             d_outputs = ops.take(upstream, slot_token, axis=0)
             d_outputs = d_outputs * slot_weight[:, None]  # [E * C, u]
-            d_weights = ops.sum(picked * upstream[:, None, :], axis=-1)
+            d_weights = ops.sum(
+                picked(flat_outputs) * upstream[:, None, :], axis=-1
+            )
             d_weights = d_weights * ops.reshape(
                 ops.cast(kept, dtype), (-1, top_k)
             )
@@ -222,6 +228,33 @@ def combine(expert_outputs, weights, plan):
 
     weights = ops.cast(weights, flat_outputs.dtype)
     return ops.custom_gradient(forward)(flat_outputs, weights)
+
+
+def _exclusive_cumsum(values, block=128):
+    """Exclusive prefix sum down the rows of a small-width int `[n, w]`.
+
+    XLA on CPU runs a long cumsum slowly; a lower-triangular matmul inside
+    blocks of rows plus a short cumsum over block totals is about twice as
+    fast, and exact (float32 holds every partial count below 2**24).
+    """
+    rows = ops.shape(values)[0]
+    if not isinstance(rows, int) or rows < 2 * block:
+        return ops.cumsum(values, axis=0) - values
+    width = ops.shape(values)[1]
+    padded = -(-rows // block) * block
+    x = ops.cast(values, "float32")
+    if padded != rows:
+        x = ops.pad(x, ((0, padded - rows), (0, 0)))
+    x = ops.reshape(x, (-1, block, width))  # [blocks, block, w]
+    # Strictly lower-triangular: row i sums the rows before it.
+    strict = ops.cast(
+        ops.arange(block)[:, None] > ops.arange(block)[None, :], "float32"
+    )
+    within = ops.einsum("ij,njw->niw", strict, x)
+    totals = ops.sum(x, axis=1)  # [blocks, w]
+    before = ops.cumsum(totals, axis=0) - totals
+    out = ops.reshape(within + before[:, None, :], (padded, width))[:rows]
+    return ops.cast(out, values.dtype)
 
 
 def dense_combine(expert_outputs, weights):

@@ -118,3 +118,12 @@ def test_dispatch_combine_forward_and_gradients(tokens, capacity):
         gradients(dense, x, weights, kernels),
     ):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [5, 255, 256, 300, 1024])
+def test_exclusive_cumsum_matches_numpy(rows):
+    values = np.random.RandomState(rows).randint(0, 2, size=(rows, 7))
+    values = values.astype("int32")
+    expected = np.cumsum(values, axis=0) - values
+    got = np.asarray(dispatch._exclusive_cumsum(values))
+    np.testing.assert_array_equal(got, expected)
