@@ -141,7 +141,31 @@ def _worker(variant, cfg, steps, policy):
         "step_ms": 1000 * float(np.median(times)),
         "peak_rss_mb": rss_peak / 1024,
         "step_rss_mb": (rss_peak - rss_before) / 1024,
+        "xla_temp_mb": _xla_temp_mb(model, x, y),
     }
+
+
+def _xla_temp_mb(model, x, y):
+    """Scratch memory XLA plans for forward + backward (JAX only): the
+    peak of intermediate buffers, which RSS cannot show on JAX since its
+    CPU client allocates ahead."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    def loss(trainable, non_trainable, x, y):
+        out, _ = model.stateless_call(
+            trainable, non_trainable, x, training=True
+        )
+        return keras.ops.mean(keras.ops.square(out - y))
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    compiled = jax.jit(jax.grad(loss)).lower(trainable, non_trainable, x, y)
+    analysis = compiled.compile().memory_analysis()
+    return analysis.temp_size_in_bytes / 2**20
 
 
 def _run_variant(variant, config_name, steps, policy):
@@ -242,12 +266,12 @@ def main(argv=None):
         hub = results.get("keras-hub", {}).get("step_ms")
         print(
             "| variant | step ms | x FFN | keras-hub / this | useful TFLOP/s "
-            "| peak RSS MB | RSS growth in steps MB |"
+            "| peak RSS MB | RSS growth in steps MB | XLA temp MB |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for variant, r in results.items():
             if "error" in r:
-                print(f"| {variant} | failed: {r['error'][:80]} | | | | | |")
+                print(f"| {variant} | failed: {r['error'][:80]} | | | | | | |")
                 continue
             ms = r["step_ms"]
             ratio = f"{ms / base:.2f}" if base else "-"
@@ -255,7 +279,8 @@ def main(argv=None):
             print(
                 f"| {variant} | {ms:.1f} | {ratio} | {speedup} | "
                 f"{flops / ms / 1e9:.3f} | {r['peak_rss_mb']:.0f} | "
-                f"{r['step_rss_mb']:.0f} |"
+                f"{r['step_rss_mb']:.0f} | "
+                + (f"{r['xla_temp_mb']:.0f} |" if r["xla_temp_mb"] else "- |")
             )
 
 
