@@ -21,6 +21,18 @@ def positive_int(value, name, allow_none=False):
     return int(value)
 
 
+def non_negative_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"`{name}` must be a non-negative integer; received {name}={value!r}."
+        )
+    if value < 0:
+        raise ValueError(
+            f"`{name}` must be a non-negative integer; received {name}={value}."
+        )
+    return int(value)
+
+
 def positive_float(value, name, allow_none=False):
     if value is None and allow_none:
         return None

@@ -183,13 +183,15 @@ def dispatch(x, plan):
 
 
 def combine(expert_outputs, weights, plan):
-    """Buffers `[groups, group_size, u]` and weights `[T, k]` -> `[T, u]`.
+    """Buffers `[groups, group_size, u]` and weights -> `[T, u]`.
 
-    `y_t = sum_j w_tj * out[slot(t, j)]`, dropped assignments contributing 0.
+    `y_t = sum_j w_tj * out[slot(t, j)]`, dropped assignments contributing
+    0. Weights are `[T, k]`, or `[T, k, u]` for per-feature gates.
     """
     top_k = plan.top_k
     units = ops.shape(expert_outputs)[-1]
-    flat_outputs = ops.reshape(expert_outputs, (-1, units))  # [E * C, u]
+    per_feature = len(weights.shape) == 3
+    flat_outputs = ops.reshape(expert_outputs, (-1, units))  # [slots, u]
     assignment_slot = plan.assignment_slot
     kept = plan.kept
     slot_token = plan.slot_assignment // top_k
@@ -204,25 +206,31 @@ def combine(expert_outputs, weights, plan):
 
     def forward(flat_outputs, weights):
         dtype = flat_outputs.dtype
-        kept_weights = ops.reshape(weights, (-1,)) * ops.cast(kept, dtype)
-        kept_weights_tk = ops.reshape(kept_weights, (-1, top_k))
-        y = ops.sum(picked(flat_outputs) * kept_weights_tk[..., None], axis=1)
+        # [T * k, 1 or u]: the weight of each assignment, 0 if dropped.
+        kept_weights = ops.reshape(weights, (ops.shape(kept)[0], -1))
+        kept_weights = kept_weights * ops.cast(kept, dtype)[:, None]
+        y = ops.sum(
+            picked(flat_outputs)
+            * ops.reshape(
+                kept_weights, (-1, top_k, ops.shape(kept_weights)[-1])
+            ),
+            axis=1,
+        )
 
         def backward(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
             # d out[s] = w[a(s)] * dy[token(s)]: a gather by slot.
             slot_weight = ops.take(kept_weights, slot_assignment, axis=0)
-            slot_weight = slot_weight * ops.cast(slot_filled, dtype)
-            d_outputs = ops.take(upstream, slot_token, axis=0)
-            d_outputs = d_outputs * slot_weight[:, None]  # [E * C, u]
-            d_weights = ops.sum(
-                picked(flat_outputs) * upstream[:, None, :], axis=-1
-            )
-            d_weights = d_weights * ops.reshape(
-                ops.cast(kept, dtype), (-1, top_k)
-            )
-            return d_outputs, d_weights
+            slot_weight = slot_weight * ops.cast(slot_filled, dtype)[:, None]
+            d_outputs = ops.take(upstream, slot_token, axis=0) * slot_weight
+            d_weights = picked(flat_outputs) * upstream[:, None, :]
+            if not per_feature:
+                d_weights = ops.sum(d_weights, axis=-1)
+            kept_tk = ops.reshape(ops.cast(kept, dtype), (-1, top_k))
+            if per_feature:
+                kept_tk = kept_tk[..., None]
+            return d_outputs, d_weights * kept_tk
 
         return y, backward
 
@@ -258,12 +266,34 @@ def _exclusive_cumsum(values, block=128):
 
 
 def dense_combine(expert_outputs, weights):
-    """All-expert outputs `[T, E, u]` weighted by `[T, E]` -> `[T, u]`."""
+    """All-expert outputs `[T, E, u]` weighted by `[T, E]` (or per feature,
+    `[T, E, u]`) -> `[T, u]`."""
     weights = ops.cast(weights, expert_outputs.dtype)
+    if len(weights.shape) == 3:
+        return ops.sum(weights * expert_outputs, axis=1)
     return ops.einsum("te,teu->tu", weights, expert_outputs)
 
 
 def scatter_weights(weights, indices, num_experts):
-    """Top-k weights `[T, k]` at `indices` as a dense `[T, E]` matrix."""
+    """Top-k weights `[T, k]` (or `[T, k, u]`) at `indices` as a dense
+    `[T, E]` (or `[T, E, u]`) matrix."""
     choice = ops.one_hot(indices, num_experts, dtype=weights.dtype)
+    if len(weights.shape) == 3:
+        return ops.einsum("tku,tke->teu", weights, choice)
     return ops.einsum("tk,tke->te", weights, choice)
+
+
+def expert_choice_weights(tokens, weights, num_tokens):
+    """Expert-choice picks, tokens and weights `[E, C]`, as a dense
+    `[T, E]` combine matrix."""
+    num_experts = ops.shape(tokens)[0]
+    experts = ops.broadcast_to(
+        ops.arange(num_experts, dtype="int32")[:, None], ops.shape(tokens)
+    )
+    cells = ops.reshape(tokens * num_experts + experts, (-1,))
+    dense = ops.segment_sum(
+        ops.reshape(weights, (-1,)),
+        cells,
+        num_segments=num_tokens * num_experts,
+    )
+    return ops.reshape(dense, (-1, num_experts))

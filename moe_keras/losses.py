@@ -19,6 +19,16 @@ def _masked_mean(values, mask, axis=0):
     return total / count
 
 
+def assignment_fraction(expert_indices, num_experts, mask=None):
+    """Fraction of routing assignments that went to each expert, `[E]`.
+
+    Each of a token's k choices counts as one assignment; masked tokens
+    count for nothing. Sums to 1 (0 if every token is masked).
+    """
+    choices = ops.one_hot(expert_indices, num_experts, dtype="float32")
+    return _masked_mean(ops.mean(choices, axis=1), mask)
+
+
 def load_balance_loss(router_probs, expert_indices, num_experts, mask=None):
     """Switch Transformer load-balancing loss.
 
@@ -40,9 +50,7 @@ def load_balance_loss(router_probs, expert_indices, num_experts, mask=None):
         A float32 scalar.
     """
     router_probs = ops.cast(router_probs, "float32")
-    choices = ops.one_hot(expert_indices, num_experts, dtype="float32")
-    per_token_fraction = ops.mean(choices, axis=1)  # [tokens, experts]
-    fraction = _masked_mean(per_token_fraction, mask)  # [experts]
+    fraction = assignment_fraction(expert_indices, num_experts, mask)
     mean_prob = _masked_mean(router_probs, mask)  # [experts]
     return float(num_experts) * ops.sum(ops.stop_gradient(fraction) * mean_prob)
 
@@ -65,3 +73,65 @@ def router_z_loss(router_logits, mask=None):
     router_logits = ops.cast(router_logits, "float32")
     log_z = ops.logsumexp(router_logits, axis=-1)
     return _masked_mean(ops.square(log_z), mask)
+
+
+def cv_squared(values):
+    """Squared coefficient of variation, `var(v) / mean(v)^2`, of `[E]`."""
+    values = ops.cast(values, "float32")
+    mean = ops.mean(values)
+    return ops.mean(ops.square(values - mean)) / (ops.square(mean) + 1e-10)
+
+
+def importance_loss(gates, mask=None):
+    """Shazeer et al. (2017) importance loss, `CV(sum_t g_t)^2`.
+
+    `Importance_i` is the total gate weight expert i receives over the
+    batch; penalising its squared coefficient of variation keeps the router
+    from favouring a few experts. "Outrageously Large Neural Networks",
+    eq. 6.
+
+    Args:
+        gates: `[tokens, experts]` combine weights (zero off the top-k).
+        mask: optional `[tokens]`.
+    """
+    gates = ops.cast(gates, "float32")
+    if mask is not None:
+        gates = gates * ops.cast(mask, "float32")[:, None]
+    return cv_squared(ops.sum(gates, axis=0))
+
+
+def noisy_load_loss(clean_logits, noisy_logits, noise_std, top_k, mask=None):
+    """Shazeer et al. (2017) smooth load loss, `CV(sum_t P(t, i))^2`.
+
+    `P(t, i) = Phi((clean_ti - threshold_ti) / noise_std_ti)` is the
+    probability that expert i would still be among token t's top-k under
+    a fresh draw of the noise on its logit alone, where `threshold_ti` is
+    the k-th largest noisy logit among the *other* experts. The sum over
+    tokens is a differentiable estimate of each expert's load.
+    "Outrageously Large Neural Networks", appendix A (eq. 8-10).
+
+    Args:
+        clean_logits, noisy_logits, noise_std: `[tokens, experts]`.
+        top_k: int k, smaller than the number of experts.
+        mask: optional `[tokens]`.
+    """
+    top_values, _ = ops.top_k(noisy_logits, top_k + 1)
+    kth, next_after = top_values[:, top_k - 1 : top_k], top_values[:, top_k:]
+    # For an expert in the top-k the bar to stay is the (k+1)-th value;
+    # for one outside it, the k-th.
+    in_top_k = noisy_logits >= kth
+    threshold = ops.where(in_top_k, next_after, kth)
+    z = (clean_logits - threshold) / noise_std
+    prob = 0.5 * (1.0 + ops.erf(z / 1.4142135623730951))
+    if mask is not None:
+        prob = prob * ops.cast(mask, prob.dtype)[:, None]
+    return cv_squared(ops.sum(prob, axis=0))
+
+
+def router_entropy(router_probs, mask=None):
+    """Mean entropy (nats) of the router's distribution over experts; high
+    means undecided routing, `log E` at most."""
+    p = ops.cast(router_probs, "float32")
+    p = p / ops.maximum(ops.sum(p, axis=-1, keepdims=True), 1e-9)
+    entropy = -ops.sum(p * ops.log(ops.maximum(p, 1e-9)), axis=-1)
+    return _masked_mean(entropy, mask)

@@ -3,12 +3,13 @@
 import keras
 from keras import ops
 
-from moe_keras import _metrics_utils
 from moe_keras import _validation
 from moe_keras import dispatch as dispatch_lib
 from moe_keras import gates as gates_lib
 from moe_keras import losses
+from moe_keras import metrics as metrics_lib
 from moe_keras.experts import DenseExperts
+from moe_keras.experts import ExpertList
 
 _DISPATCH_MODES = ("auto", "dense", "sparse")
 
@@ -43,33 +44,58 @@ class MoE(keras.layers.Layer):
       dense otherwise.
 
     While training, the layer adds the Switch load-balancing loss and the
-    ST-MoE router z-loss (`moe_keras.losses`) with `add_loss`. The router
-    computes in float32 under mixed precision; the experts follow the
-    layer's dtype policy.
+    ST-MoE router z-loss (`moe_keras.losses`) with `add_loss`, plus any
+    loss of its gate (e.g. `NoisyTopKGate`'s). The router computes in
+    float32 under mixed precision; the experts follow the layer's policy.
+
+    Metrics of the layer (in `fit`/`evaluate` logs on TensorFlow):
+    `<name>_dropped_fraction`, `<name>_load_imbalance` (max over mean
+    expert load), `<name>_router_entropy`, `<name>_load_balance_loss`,
+    `<name>_z_loss`, `<name>_aux_loss` (all auxiliary losses added, with
+    their weights), and `layer.expert_load` (per-expert load, see
+    `ExpertLoad`).
 
     Args:
-        num_experts: int, number of experts.
-        units: int, output features of every expert and of the layer.
+        num_experts: int, number of experts (may be left out with `experts`).
+        units: int, output features of every expert and of the layer (may
+            be left out with `experts`).
+        experts: optional list of Keras layers to use as the experts, each
+            mapping `(tokens, features)` to `(tokens, units)`.
         hidden_units: int or None. If set, each expert is a two-layer MLP
             `units(hidden) -> activation -> units`.
         activation: activation of the experts' hidden layer (or of their
             output without `hidden_units`). Defaults to `None`.
         gated: bool, GLU experts (SwiGLU with `activation="silu"`).
         use_bias: bool, biases in the experts. Defaults to `True`.
+        num_shared_experts: int >= 0, experts every position passes through,
+            added to the routed mixture: `y = shared(x) + sum_i g_i e_i(x)`
+            (DeepSeekMoE; DeepSpeed's residual MoE). Defaults to 0.
+        shared_hidden_units: hidden size of the shared experts. Defaults to
+            `hidden_units`.
         gate: `"softmax"`, `"sigmoid"` or a `moe_keras.Gate` instance.
         top_k: int in `[1, num_experts]`, or `None` for the dense mixture.
         dispatch: `"auto"`, `"dense"` or `"sparse"`.
         capacity_factor: float > 0, or `None` for dropless sparse dispatch.
             Defaults to 1.25 (Switch Transformer).
         eval_capacity_factor: float > 0 used when not training. Defaults to
-            `max(capacity_factor, 2.0)` (dropless if `capacity_factor` is).
+            `None`: dropless inference, so predictions never depend on the
+            rest of the batch (expert choice and expert lists, which have
+            no dropless form, use `max(capacity_factor, 2.0)`).
         load_balance_weight: float >= 0, weight of the load-balancing loss.
             Defaults to 0.01.
         z_loss_weight: float >= 0, weight of the router z-loss.
             Defaults to 0.001.
+        log_expert_load: bool, show each expert's load in `fit` logs.
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, kernel_constraint, bias_constraint: for the
             experts, as in `Dense`.
+
+    Call arguments:
+        inputs: `(batch, ..., features)` floats.
+        training: bool.
+        mask: optional `(batch, ...)` Keras mask.
+        routing_ids: optional `(batch, ...)` integer ids per position, for
+            id-based gates (`HashGate`).
 
     Input shape:
         `(batch, ..., features)`, any rank >= 2; routing is per position.
@@ -91,13 +117,16 @@ class MoE(keras.layers.Layer):
 
     def __init__(
         self,
-        num_experts,
-        units,
+        num_experts=None,
+        units=None,
         *,
+        experts=None,
         hidden_units=None,
         activation=None,
         gated=False,
         use_bias=True,
+        num_shared_experts=0,
+        shared_hidden_units=None,
         gate="softmax",
         top_k=None,
         dispatch="auto",
@@ -105,6 +134,7 @@ class MoE(keras.layers.Layer):
         eval_capacity_factor=None,
         load_balance_weight=0.01,
         z_loss_weight=0.001,
+        log_expert_load=False,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
@@ -116,8 +146,59 @@ class MoE(keras.layers.Layer):
         if "name" not in kwargs:
             kwargs["name"] = f"moe_{keras.backend.get_uid('moe')}"
         super().__init__(**kwargs)
-        self.num_experts = _validation.positive_int(num_experts, "num_experts")
-        self.units = _validation.positive_int(units, "units")
+        expert_kwargs = dict(
+            activation=activation,
+            gated=gated,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            dtype=self.dtype_policy,
+        )
+        if experts is None:
+            if num_experts is None or units is None:
+                raise ValueError(
+                    "`MoE` needs `num_experts` and `units` (or a list of "
+                    f"`experts`); received num_experts={num_experts}, "
+                    f"units={units}."
+                )
+            self.experts = DenseExperts(
+                num_experts=num_experts,
+                units=units,
+                hidden_units=hidden_units,
+                name="experts",
+                **expert_kwargs,
+            )
+        else:
+            self.experts = ExpertList(experts, name="experts")
+            if (
+                num_experts is not None
+                and num_experts != self.experts.num_experts
+            ):
+                raise ValueError(
+                    f"`num_experts={num_experts}` does not match the "
+                    f"{self.experts.num_experts} layers given as `experts`."
+                )
+        self.num_experts = _validation.positive_int(
+            self.experts.num_experts, "num_experts"
+        )
+        self.units = _validation.positive_int(units, "units", allow_none=True)
+        self.hidden_units = _validation.positive_int(
+            hidden_units, "hidden_units", allow_none=True
+        )
+        self.activation = keras.activations.get(activation)
+        self.gated = bool(gated)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+
         self.top_k = _validation.positive_int(top_k, "top_k", allow_none=True)
         if self.top_k is not None and self.top_k > self.num_experts:
             raise ValueError(
@@ -127,12 +208,6 @@ class MoE(keras.layers.Layer):
         self.dispatch = _validation.one_of(
             dispatch, "dispatch", _DISPATCH_MODES
         )
-        if dispatch == "sparse" and self.top_k is None:
-            raise ValueError(
-                "`dispatch='sparse'` routes each position to its top-k "
-                "experts, so it needs `top_k`; received top_k=None. Use "
-                "dispatch='dense' (or 'auto') for the dense mixture."
-            )
         self.capacity_factor = _validation.positive_float(
             capacity_factor, "capacity_factor", allow_none=True
         )
@@ -145,32 +220,97 @@ class MoE(keras.layers.Layer):
         self.z_loss_weight = _validation.non_negative_float(
             z_loss_weight, "z_loss_weight"
         )
-        self.gate = gates_lib.get(gate, self.num_experts)
-        self.experts = DenseExperts(
-            num_experts=self.num_experts,
-            units=self.units,
-            hidden_units=hidden_units,
-            activation=activation,
-            gated=gated,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            kernel_constraint=kernel_constraint,
-            bias_constraint=bias_constraint,
-            dtype=self.dtype_policy,
-            name="experts",
+        self.gate = gates_lib.get(gate, self.num_experts, self.units)
+        self._check_routing()
+
+        self.num_shared_experts = _validation.non_negative_int(
+            num_shared_experts, "num_shared_experts"
         )
-        self.dropped_fraction = keras.metrics.Mean(
-            name=f"{self.name}_dropped_fraction"
+        self.shared_hidden_units = _validation.positive_int(
+            shared_hidden_units, "shared_hidden_units", allow_none=True
         )
+        self.shared_experts = None
+        if self.num_shared_experts:
+            if self.units is None:
+                raise ValueError("Shared experts need `units`.")
+            self.shared_experts = DenseExperts(
+                num_experts=self.num_shared_experts,
+                units=self.units,
+                hidden_units=self.shared_hidden_units or self.hidden_units,
+                name="shared_experts",
+                **expert_kwargs,
+            )
+
+        self.log_expert_load = bool(log_expert_load)
+        self._init_metrics()
         self.supports_masking = True
+
+    def _check_routing(self):
+        if (
+            self.dispatch == "sparse"
+            and self.top_k is None
+            and not self.gate.expert_choice
+        ):
+            raise ValueError(
+                "`dispatch='sparse'` routes each position to its top-k "
+                "experts, so it needs `top_k`; received top_k=None. Use "
+                "dispatch='dense' (or 'auto') for the dense mixture."
+            )
+        if self.gate.expert_choice:
+            if self.top_k is not None:
+                raise ValueError(
+                    "With an ExpertChoiceGate the experts choose tokens: pass "
+                    f"top_k=None (received top_k={self.top_k}) and set how "
+                    "many tokens each expert takes with `capacity_factor`."
+                )
+            if self.capacity_factor is None:
+                raise ValueError(
+                    "An ExpertChoiceGate needs a `capacity_factor` (tokens "
+                    "per expert = capacity_factor * tokens / num_experts)."
+                )
+        if (
+            isinstance(self.gate, gates_lib.UniformGate)
+            and self.top_k is not None
+        ):
+            raise ValueError(
+                "UniformGate weights every expert equally and takes "
+                "top_k=None; use HashGate, RoundRobinGate or RandomGate to "
+                "assign k experts by rule."
+            )
+        if (
+            isinstance(self.experts, ExpertList)
+            and self.sparse
+            and self.capacity_factor is None
+            and not self.gate.expert_choice
+        ):
+            raise ValueError(
+                "Dropless dispatch (capacity_factor=None) needs stacked "
+                "expert weights; with a list of `experts` set a "
+                "`capacity_factor` or use dispatch='dense'."
+            )
+
+    def _init_metrics(self):
+        def mean(suffix):
+            return keras.metrics.Mean(name=f"{self.name}_{suffix}")
+
+        self.dropped_fraction = mean("dropped_fraction")
+        self.load_imbalance = mean("load_imbalance")
+        self.router_entropy = mean("router_entropy")
+        self.load_balance_loss = mean("load_balance_loss")
+        self.z_loss = mean("z_loss")
+        self.aux_loss = mean("aux_loss")
+        self.expert_load = metrics_lib.ExpertLoad(
+            self.num_experts,
+            log_per_expert=self.log_expert_load,
+            name=f"{self.name}_expert_load",
+        )
 
     @property
     def sparse(self):
-        """Whether this layer runs the sparse (capacity) dispatch."""
+        """Whether this layer runs the sparse (buffered) dispatch."""
         if self.dispatch == "auto":
+            if self.gate.expert_choice:
+                return True
             # With k = E every expert runs on every token anyway.
             return self.top_k is not None and self.top_k < self.num_experts
         return self.dispatch == "sparse"
@@ -180,18 +320,41 @@ class MoE(keras.layers.Layer):
             return self.capacity_factor
         if self.eval_capacity_factor is not None:
             return self.eval_capacity_factor
-        if self.capacity_factor is None:
-            return None
-        return max(self.capacity_factor, 2.0)
+        # Inference is dropless by default, so a prediction never depends
+        # on what else is in the batch. Expert choice and expert lists
+        # have no dropless form; they get Switch's evaluation factor.
+        if self.gate.expert_choice or isinstance(self.experts, ExpertList):
+            return max(self.capacity_factor, 2.0)
+        return None
 
     def build(self, input_shape):
         _validation.feature_dim(input_shape, self.name)
-        # A gate revived from a saved config arrives already built.
-        for sublayer in (self.gate, self.experts):
-            if not sublayer.built:
+        # Sublayers revived from a saved config arrive already built.
+        for sublayer in (self.experts, self.gate, self.shared_experts):
+            if sublayer is not None and not sublayer.built:
+                if sublayer is self.gate and isinstance(
+                    sublayer, gates_lib.FeatureGate
+                ):
+                    sublayer.units = sublayer.units or self.experts.units
                 sublayer.build(input_shape)
+        if self.units is None:
+            self.units = self.experts.units
+        elif self.experts.units != self.units:
+            raise ValueError(
+                f"The experts output {self.experts.units} features but the "
+                f"layer has units={self.units}."
+            )
 
-    def call(self, inputs, training=None, mask=None):
+    def call(
+        self,
+        inputs,
+        training=None,
+        mask=None,
+        routing_ids=None,
+        inputs_mask=None,
+    ):
+        # With `routing_ids` Keras passes the inputs' mask as `inputs_mask`.
+        mask = mask if mask is not None else inputs_mask
         _validation.float_input(inputs.dtype, self.name)
         shape = ops.shape(inputs)
         x = ops.reshape(inputs, (-1, shape[-1]))  # [tokens, features]
@@ -199,31 +362,46 @@ class MoE(keras.layers.Layer):
         if mask is not None:
             valid = ops.reshape(ops.cast(mask, "bool"), (-1,))  # [tokens]
 
-        probs, logits = self.gate(x, return_logits=True)  # [tokens, E] f32
-        if self.top_k is None:
-            weights, indices = probs, None
+        routing = self.gate(
+            x,
+            training=training,
+            routing=True,
+            top_k=self.top_k,
+            routing_mask=valid,
+            routing_ids=routing_ids,
+        )
+        if self.gate.expert_choice:
+            y, chosen = self._expert_choice(
+                x, routing["probs"], valid, training
+            )
         else:
-            weights, indices = self.gate.select(probs, self.top_k)
-        if valid is not None:
-            weights = weights * ops.cast(valid, weights.dtype)[:, None]
+            y = self._token_choice(x, routing, valid, training)
+            chosen = routing.get("indices")
+        if self.shared_experts is not None:
+            shared = ops.sum(self.shared_experts(x), axis=-2)
+            if valid is not None:
+                shared = shared * ops.cast(valid, shared.dtype)[:, None]
+            y = y + shared
+        self._track_routing(routing, chosen, valid, training)
+        return ops.reshape(y, tuple(shape[:-1]) + (self.units,))
 
-        if self.sparse:
-            y = self._sparse_forward(x, weights, indices, valid, training)
-        else:
+    # --- token choice: each position picks its experts -------------------
+
+    def _token_choice(self, x, routing, valid, training):
+        weights, indices = routing["weights"], routing.get("indices")
+        if valid is not None:
+            valid_f = ops.cast(valid, weights.dtype)
+            weights = weights * ops.reshape(
+                valid_f, (-1,) + (1,) * (len(weights.shape) - 1)
+            )
+        if not self.sparse:
             if indices is not None:
                 weights = dispatch_lib.scatter_weights(
                     weights, indices, self.num_experts
                 )
-            y = dispatch_lib.dense_combine(self.experts(x), weights)
-
-        if training:
-            self._add_router_losses(probs, logits, indices, valid)
-        return ops.reshape(y, tuple(shape[:-1]) + (self.units,))
-
-    def _sparse_forward(self, x, weights, indices, valid, training):
-        num_tokens = ops.shape(x)[0]
+            return dispatch_lib.dense_combine(self.experts(x), weights)
         capacity = dispatch_lib.capacity(
-            num_tokens,
+            ops.shape(x)[0],
             self.top_k,
             self.num_experts,
             self._capacity_factor(training),
@@ -235,47 +413,126 @@ class MoE(keras.layers.Layer):
         outputs = self.experts(
             buffers, grouped=True, group_experts=plan.group_expert
         )  # [groups, size, units]
-        _metrics_utils.update_if_tracked(
+        metrics_lib.update_if_tracked(
             self.dropped_fraction, plan.dropped / ops.maximum(plan.routed, 1.0)
         )
         return dispatch_lib.combine(outputs, weights, plan)
 
-    def _add_router_losses(self, probs, logits, indices, valid):
-        if self.load_balance_weight > 0:
-            if indices is None:
-                # The dense mixture has no choice; its argmax stands in.
-                indices = ops.expand_dims(ops.argmax(probs, axis=-1), -1)
-            balance = losses.load_balance_loss(
-                self.gate.balance_distribution(probs),
-                indices,
-                self.num_experts,
-                mask=valid,
+    # --- expert choice: each expert picks its tokens -----------------------
+
+    def _expert_choice(self, x, probs, valid, training):
+        num_tokens = ops.shape(x)[0]
+        capacity = dispatch_lib.capacity(
+            num_tokens, 1, self.num_experts, self._capacity_factor(training)
+        )
+        tokens, weights = self.gate.choose(probs, capacity, valid)  # [E, C]
+        if valid is not None:
+            weights = weights * ops.take(ops.cast(valid, weights.dtype), tokens)
+        if self.sparse:
+            buffers = ops.take(x, ops.reshape(tokens, (-1,)), axis=0)
+            buffers = ops.reshape(buffers, (self.num_experts, capacity, -1))
+            outputs = self.experts(buffers, grouped=True)  # [E, C, units]
+            weighted = outputs * ops.cast(weights, outputs.dtype)[..., None]
+            y = ops.segment_sum(
+                ops.reshape(weighted, (-1, self.units)),
+                ops.reshape(tokens, (-1,)),
+                num_segments=num_tokens,
             )
-            self.add_loss(self.load_balance_weight * balance)
-        if self.z_loss_weight > 0:
-            z_loss = losses.router_z_loss(logits, mask=valid)
-            self.add_loss(self.z_loss_weight * z_loss)
+        else:
+            dense = dispatch_lib.expert_choice_weights(
+                tokens, weights, num_tokens
+            )
+            y = dispatch_lib.dense_combine(self.experts(x), dense)
+        # [T, 1]-shaped "choice" for the metrics: whether any expert took it.
+        taken = ops.segment_sum(
+            ops.reshape(ops.cast(weights > 0, "float32"), (-1,)),
+            ops.reshape(tokens, (-1,)),
+            num_segments=num_tokens,
+        )
+        routed = (
+            ops.cast(valid, "float32")
+            if valid is not None
+            else ops.ones_like(taken)
+        )
+        dropped = ops.sum(ops.cast(taken <= 0, "float32") * routed)
+        metrics_lib.update_if_tracked(
+            self.dropped_fraction, dropped / ops.maximum(ops.sum(routed), 1.0)
+        )
+        return y, None
+
+    # --- losses and metrics --------------------------------------------------
+
+    def _track_routing(self, routing, indices, valid, training):
+        probs, logits = routing["probs"], routing["logits"]
+        balance = z_loss = None
+        total = 0.0
+        if training and self.gate.learned:
+            if self.load_balance_weight > 0 and not self.gate.expert_choice:
+                chosen = indices
+                if chosen is None:
+                    # The dense mixture has no choice; its argmax stands in.
+                    chosen = ops.expand_dims(ops.argmax(probs, axis=-1), -1)
+                balance = self.load_balance_weight * losses.load_balance_loss(
+                    self.gate.balance_distribution(probs),
+                    chosen,
+                    self.num_experts,
+                    mask=valid,
+                )
+                self.add_loss(balance)
+                total = total + balance
+            if self.z_loss_weight > 0:
+                z_loss = self.z_loss_weight * losses.router_z_loss(
+                    logits, mask=valid
+                )
+                self.add_loss(z_loss)
+                total = total + z_loss
+        if training:
+            for value in routing["losses"].values():
+                self.add_loss(value)
+                total = total + value
+            metrics_lib.update_if_tracked(self.aux_loss, total)
+            if balance is not None:
+                metrics_lib.update_if_tracked(self.load_balance_loss, balance)
+            if z_loss is not None:
+                metrics_lib.update_if_tracked(self.z_loss, z_loss)
+        if indices is not None:
+            load = losses.assignment_fraction(indices, self.num_experts, valid)
+        else:
+            load = losses._masked_mean(
+                self.gate.balance_distribution(probs), valid
+            )
+        metrics_lib.update_if_tracked(self.expert_load, load)
+        metrics_lib.update_if_tracked(
+            self.load_imbalance, ops.max(load) * self.num_experts
+        )
+        metrics_lib.update_if_tracked(
+            self.router_entropy, losses.router_entropy(probs, valid)
+        )
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
 
-    def compute_output_spec(self, inputs, training=None, mask=None):
+    def compute_output_spec(self, inputs, training=None, mask=None, **kwargs):
         _validation.float_input(inputs.dtype, self.name)
         return keras.KerasTensor(
             self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
         )
 
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
     def get_config(self):
         config = super().get_config()
-        experts = self.experts.get_config()
         config.update(
             {
                 "num_experts": self.num_experts,
                 "units": self.units,
-                "hidden_units": self.experts.hidden_units,
-                "activation": experts["activation"],
-                "gated": self.experts.gated,
-                "use_bias": self.experts.use_bias,
+                "hidden_units": self.hidden_units,
+                "activation": keras.activations.serialize(self.activation),
+                "gated": self.gated,
+                "use_bias": self.use_bias,
+                "num_shared_experts": self.num_shared_experts,
+                "shared_hidden_units": self.shared_hidden_units,
                 "gate": keras.saving.serialize_keras_object(self.gate),
                 "top_k": self.top_k,
                 "dispatch": self.dispatch,
@@ -283,15 +540,27 @@ class MoE(keras.layers.Layer):
                 "eval_capacity_factor": self.eval_capacity_factor,
                 "load_balance_weight": self.load_balance_weight,
                 "z_loss_weight": self.z_loss_weight,
+                "log_expert_load": self.log_expert_load,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(
+                    self.bias_initializer
+                ),
+                "kernel_regularizer": keras.regularizers.serialize(
+                    self.kernel_regularizer
+                ),
+                "bias_regularizer": keras.regularizers.serialize(
+                    self.bias_regularizer
+                ),
+                "kernel_constraint": keras.constraints.serialize(
+                    self.kernel_constraint
+                ),
+                "bias_constraint": keras.constraints.serialize(
+                    self.bias_constraint
+                ),
             }
         )
-        for key in (
-            "kernel_initializer",
-            "bias_initializer",
-            "kernel_regularizer",
-            "bias_regularizer",
-            "kernel_constraint",
-            "bias_constraint",
-        ):
-            config[key] = experts[key]
+        if isinstance(self.experts, ExpertList):
+            config["experts"] = self.experts.get_config()["experts"]
         return config

@@ -92,7 +92,9 @@ def moe_forward(layer, x, capacity=None, valid=None):
     if layer.top_k is None:
         weights = probs
     else:
-        normalize = type(layer.gate).__name__ == "SoftmaxGate"
+        normalize = (
+            type(layer.gate).__name__ == "SoftmaxGate" and layer.top_k > 1
+        )
         weights, order = top_k_weights(probs, layer.top_k, normalize)
         if capacity is not None:
             keep = capacity_keep(order, layer.num_experts, capacity, valid)

@@ -29,7 +29,11 @@ def test_matches_numpy_reference(gate_cls):
         num_experts=5, use_bias=True, bias_initializer="random_normal"
     )
     x = np.random.normal(size=(7, 4)).astype("float32")
-    probs, logits = gate(x, return_logits=True)
+    routing = gate(x, routing=True)
+    probs, logits = routing["probs"], routing["logits"]
+    np.testing.assert_allclose(
+        np.asarray(gate(x)), np.asarray(probs), rtol=1e-6
+    )
     ref_probs, ref_logits = reference.gate_forward(gate, x)
     np.testing.assert_allclose(
         np.asarray(logits), ref_logits, rtol=1e-5, atol=1e-6

@@ -1,0 +1,135 @@
+"""A callback that records how each MoE layer spreads its load."""
+
+import keras
+import numpy as np
+
+from moe_keras import losses
+
+
+def _moe_layers(model):
+    from moe_keras.moe import MoE
+
+    return [
+        layer for layer in model._flatten_layers() if isinstance(layer, MoE)
+    ]
+
+
+class ExpertLoadCallback(keras.callbacks.Callback):
+    """Records each `MoE` layer's per-expert load after every epoch.
+
+    The load of an expert is the fraction of routing assignments it
+    received (the mean gate distribution for a dense mixture). With `data`,
+    it is measured on that fixed batch at the end of each epoch, on any
+    backend; without, it is the layer's `expert_load` metric averaged over
+    the epoch (TensorFlow only: see the README on JAX layer metrics).
+
+    `history` maps each layer's name to a `[epochs, experts]` array.
+
+    Args:
+        data: optional array (or list of arrays) of model inputs to probe
+            the routing with.
+        log_dir: optional TensorBoard directory: per-expert load scalars
+            (`<layer>/expert_<i>`) and a histogram per layer, each epoch.
+        heatmap_path: optional PNG path: at the end of training, a heat map
+            of load over epochs for every MoE layer (needs matplotlib).
+    """
+
+    def __init__(self, data=None, log_dir=None, heatmap_path=None):
+        super().__init__()
+        self.data = data
+        self.log_dir = log_dir
+        self.heatmap_path = heatmap_path
+        self.history = {}
+        self._writer = None
+        self._probe = None
+
+    def on_train_begin(self, logs=None):
+        self._layers = _moe_layers(self.model)
+        if not self._layers:
+            raise ValueError("ExpertLoadCallback: the model has no MoE layer.")
+        self.history = {layer.name: [] for layer in self._layers}
+        if self.data is not None:
+            self._probe = keras.Model(
+                self.model.inputs, [layer.input for layer in self._layers]
+            )
+        if self.log_dir is not None:
+            import tensorflow as tf
+
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError as error:
+                raise ImportError(
+                    "ExpertLoadCallback(log_dir=...) writes TensorBoard "
+                    "summaries: `pip install tensorboard`."
+                ) from error
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    def _probe_loads(self):
+        inputs = self._probe.predict(self.data, verbose=0)
+        if len(self._layers) == 1:
+            inputs = [inputs]
+        loads = []
+        for layer, x in zip(self._layers, inputs):
+            x = np.reshape(x, (-1, x.shape[-1])).astype("float32")
+            routing = layer.gate(x, routing=True, top_k=layer.top_k)
+            if "indices" in routing:
+                load = losses.assignment_fraction(
+                    routing["indices"], layer.num_experts
+                )
+            else:
+                load = keras.ops.mean(
+                    layer.gate.balance_distribution(routing["probs"]), axis=0
+                )
+            loads.append(np.asarray(keras.ops.convert_to_numpy(load)))
+        return loads
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._probe is not None:
+            loads = self._probe_loads()
+        else:
+            loads = [
+                np.asarray(keras.ops.convert_to_numpy(layer.expert_load.load()))
+                for layer in self._layers
+            ]
+        for layer, load in zip(self._layers, loads):
+            self.history[layer.name].append(load)
+        if self._writer is not None:
+            import tensorflow as tf
+
+            with self._writer.as_default():
+                for layer, load in zip(self._layers, loads):
+                    for i, value in enumerate(load):
+                        tf.summary.scalar(
+                            f"{layer.name}/expert_{i}", value, step=epoch
+                        )
+                    tf.summary.histogram(f"{layer.name}/load", load, step=epoch)
+            self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        self.history = {k: np.stack(v) for k, v in self.history.items() if v}
+        if self.heatmap_path is not None and self.history:
+            self.plot(self.heatmap_path)
+
+    def plot(self, path):
+        """Writes the heat map of load over epochs to `path` (PNG)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(self.history)
+        fig, axes = plt.subplots(
+            len(names), 1, figsize=(7, 2.2 * len(names) + 0.8), squeeze=False
+        )
+        for ax, name in zip(axes[:, 0], names):
+            load = np.asarray(self.history[name])
+            image = ax.imshow(
+                load.T, aspect="auto", cmap="viridis", origin="lower"
+            )
+            ax.set_title(f"{name}: expert load (fraction of assignments)")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("expert")
+            fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)

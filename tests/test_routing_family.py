@@ -1,0 +1,495 @@
+"""The routing family: each gate, expert form and signal against a NumPy
+reference, round-tripped through `.keras`, and trained with XLA."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import moe_keras
+from moe_keras import MoE
+from moe_keras import losses
+from tests import reference
+
+BACKEND = keras.backend.backend()
+
+
+def _x(shape, seed=0):
+    return np.random.RandomState(seed).normal(size=shape).astype("float32")
+
+
+def _randomize(layer, seed=3):
+    rng = np.random.RandomState(seed)
+    for w in layer.weights:
+        w.assign(rng.normal(scale=0.5, size=w.shape).astype("float32"))
+
+
+def _experts_np(layer, x):
+    return reference.experts_forward(layer.experts, x)  # [T, E, u]
+
+
+# Every option, as MoE kwargs. Each must round-trip, train under XLA and
+# agree between dense and sparse dispatch where both apply.
+OPTIONS = {
+    "noisy_top2": lambda: dict(gate=moe_keras.NoisyTopKGate(seed=1), top_k=2),
+    "jitter": lambda: dict(
+        gate=moe_keras.SoftmaxGate(jitter=0.1, seed=1), top_k=2
+    ),
+    "gate_dropout": lambda: dict(
+        gate=moe_keras.SoftmaxGate(dropout=0.2, seed=1), top_k=2
+    ),
+    "aux_free_sigmoid": lambda: dict(
+        gate=moe_keras.SigmoidGate(bias_update_rate=0.01), top_k=2
+    ),
+    "expert_choice": lambda: dict(
+        gate=moe_keras.ExpertChoiceGate(), capacity_factor=2.0
+    ),
+    "round_robin": lambda: dict(gate=moe_keras.RoundRobinGate(), top_k=2),
+    "random": lambda: dict(gate=moe_keras.RandomGate(seed=1), top_k=2),
+    "uniform": lambda: dict(gate=moe_keras.UniformGate()),
+    "static": lambda: dict(gate=moe_keras.StaticGate(), top_k=1),
+    "per_feature": lambda: dict(gate=moe_keras.FeatureGate(), top_k=2),
+    "shared_experts": lambda: dict(
+        top_k=2, num_shared_experts=1, shared_hidden_units=3
+    ),
+    "heterogeneous": lambda: dict(
+        experts=[
+            keras.layers.Dense(4),
+            keras.Sequential(
+                [keras.layers.Dense(7, "relu"), keras.layers.Dense(4)]
+            ),
+            keras.layers.Dense(4, activation="tanh"),
+        ],
+        top_k=2,
+    ),
+}
+
+
+def _layer(option, **overrides):
+    kwargs = dict(num_experts=3, units=4, hidden_units=5, activation="relu")
+    kwargs.update(OPTIONS[option]())
+    if "experts" in kwargs:
+        for key in ("num_experts", "units", "hidden_units", "activation"):
+            kwargs.pop(key)
+    kwargs.update(overrides)
+    return MoE(**kwargs)
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_config_and_keras_file_round_trip(option, tmp_path):
+    layer = _layer(option)
+    inputs = keras.Input((6, 3))
+    model = keras.Model(inputs, layer(inputs))
+    x = _x((2, 6, 3))
+    config = layer.get_config()
+    assert MoE.from_config(config).get_config() == config
+    before = model.predict(x, verbose=0)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert json.dumps(reloaded.get_config(), sort_keys=True) == json.dumps(
+        model.get_config(), sort_keys=True
+    )
+    if option != "random":  # RandomGate draws anew on every call
+        np.testing.assert_array_equal(reloaded.predict(x, verbose=0), before)
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_jit_compiled_training(option):
+    inputs = keras.Input((6, 3))
+    model = keras.Model(inputs, _layer(option)(inputs))
+    model.compile(keras.optimizers.Adam(0.02), "mse", jit_compile=True)
+    x, y = _x((32, 6, 3)), _x((32, 6, 4), 1)
+    first = model.evaluate(x, y, verbose=0)
+    model.fit(x, y, epochs=4, batch_size=8, verbose=0)
+    if option != "random":
+        assert model.evaluate(x, y, verbose=0) < first
+
+
+@pytest.mark.parametrize(
+    "option",
+    sorted(
+        set(OPTIONS)
+        - {"random", "noisy_top2", "gate_dropout", "jitter", "uniform"}
+    ),
+)
+def test_sparse_equals_dense(option):
+    """In inference (no randomness), buffered dispatch with room for every
+    assignment equals computing every expert."""
+    sparse = _layer(option, dispatch="sparse", capacity_factor=3.0)
+    dense = _layer(option, dispatch="dense", capacity_factor=3.0)
+    x = _x((2, 6, 3))
+    sparse(x)
+    dense(x)
+    dense.set_weights(sparse.get_weights())
+    np.testing.assert_allclose(
+        np.asarray(sparse(x)), np.asarray(dense(x)), rtol=1e-5, atol=1e-5
+    )
+
+
+# --- forward passes against NumPy -------------------------------------------
+
+
+def _combine_np(weights_te, outs):
+    if weights_te.ndim == 3:
+        return (weights_te * outs).sum(1)
+    return np.einsum("te,teu->tu", weights_te, outs)
+
+
+def test_noisy_gate_is_clean_top_k_softmax_in_inference_and_noisy_in_training():
+    layer = MoE(
+        3, 4, gate=moe_keras.NoisyTopKGate(seed=2), top_k=2, dispatch="dense"
+    )
+    x = _x((10, 3))
+    layer(x)
+    _randomize(layer)
+    logits = x @ np.asarray(layer.gate.kernel)
+    weights, _ = reference.top_k_weights(reference.softmax(logits), 2, True)
+    expected = _combine_np(weights, _experts_np(layer, x))
+    np.testing.assert_allclose(
+        np.asarray(layer(x)), expected, rtol=1e-4, atol=1e-5
+    )
+    trained = np.asarray(layer(x, training=True))
+    assert not np.allclose(trained, expected)
+    names = [float(v) for v in layer.losses]
+    assert len(names) == 4  # balance, z-loss, importance, noisy load
+
+
+def test_noisy_gate_losses_match_numpy():
+    rng = np.random.RandomState(0)
+    clean = rng.normal(size=(12, 5)).astype("float32")
+    std = np.abs(rng.normal(size=(12, 5))).astype("float32") + 0.1
+    noisy = clean + std * rng.normal(size=(12, 5)).astype("float32")
+    mask = rng.uniform(size=12) > 0.3
+    k = 2
+    # Importance: CV^2 of summed top-k softmax gates.
+    gates, _ = reference.top_k_weights(reference.softmax(noisy), k, True)
+    importance = (gates * mask[:, None]).sum(0)
+    cv2 = importance.var() / importance.mean() ** 2
+    np.testing.assert_allclose(
+        float(losses.importance_loss(gates, mask)), cv2, rtol=1e-4
+    )
+    # Load: P(expert stays in top-k) under fresh noise, from the paper.
+    from math import erf
+    from math import sqrt
+
+    prob = np.zeros_like(clean)
+    for t in range(12):
+        for i in range(5):
+            others = np.delete(noisy[t], i)
+            threshold = np.sort(others)[::-1][k - 1]
+            z = (clean[t, i] - threshold) / std[t, i]
+            prob[t, i] = 0.5 * (1 + erf(z / sqrt(2)))
+    load = (prob * mask[:, None]).sum(0)
+    np.testing.assert_allclose(
+        float(losses.noisy_load_loss(clean, noisy, std, k, mask)),
+        load.var() / load.mean() ** 2,
+        rtol=1e-4,
+    )
+
+
+def test_jitter_only_in_training():
+    layer = MoE(3, 4, gate=moe_keras.SoftmaxGate(jitter=0.3, seed=0), top_k=2)
+    plain = MoE(3, 4, top_k=2)
+    x = _x((10, 3))
+    layer(x)
+    plain(x)
+    plain.set_weights(layer.get_weights())
+    np.testing.assert_allclose(
+        np.asarray(layer(x)), np.asarray(plain(x)), atol=1e-6
+    )
+    assert not np.allclose(
+        np.asarray(layer(x, training=True)), np.asarray(plain(x, training=True))
+    )
+
+
+def test_gate_dropout_only_in_training():
+    layer = MoE(3, 4, gate=moe_keras.SoftmaxGate(dropout=0.5, seed=0), top_k=2)
+    x = _x((40, 3))
+    layer(x)
+    probs = np.asarray(layer.gate(x))
+    weights, _ = reference.top_k_weights(probs, 2, True)
+    outs = _experts_np(layer, x)
+    np.testing.assert_allclose(
+        np.asarray(layer(x)), _combine_np(weights, outs), rtol=1e-4, atol=1e-5
+    )
+    trained = np.asarray(layer(x, training=True))
+    assert not np.allclose(trained, _combine_np(weights, outs), atol=1e-4)
+
+
+def test_aux_free_bias_steers_selection_not_weights():
+    gate = moe_keras.SigmoidGate(bias_update_rate=0.1)
+    layer = MoE(4, 4, gate=gate, top_k=1, dispatch="dense")
+    x = np.abs(_x((16, 3)))
+    layer(x)
+    gate.kernel.assign(np.array([[1.0, 0.5, 0.0, -0.5]] * 3, "float32"))
+    # Everyone picks expert 0: a training call moves its bias down by the
+    # rate and every other expert's up.
+    layer(x, training=True)
+    np.testing.assert_allclose(
+        np.asarray(gate.selection_bias), [-0.1, 0.1, 0.1, 0.1], atol=1e-6
+    )
+    gate.selection_bias.assign(np.array([0.0, 0.0, 0.0, 5.0], "float32"))
+    probs = reference.sigmoid(x @ np.asarray(gate.kernel))
+    weights = np.zeros_like(probs)
+    weights[:, 3] = probs[:, 3]  # chosen by the bias, weighted by the score
+    expected = _combine_np(weights, _experts_np(layer, x))
+    np.testing.assert_allclose(
+        np.asarray(layer(x)), expected, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_expert_choice_forward():
+    layer = MoE(
+        3,
+        4,
+        gate=moe_keras.ExpertChoiceGate(),
+        capacity_factor=1.0,
+        eval_capacity_factor=1.0,
+    )
+    x = _x((9, 3))
+    layer(x)
+    _randomize(layer)
+    probs = reference.softmax(x @ np.asarray(layer.gate.kernel))
+    capacity = 3  # ceil(1.0 * 9 / 3)
+    weights = np.zeros_like(probs)
+    for e in range(3):
+        top = np.argsort(-probs[:, e], kind="stable")[:capacity]
+        weights[top, e] = probs[top, e]
+    expected = _combine_np(weights, _experts_np(layer, x))
+    np.testing.assert_allclose(
+        np.asarray(layer(x)), expected, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_hash_gate_routes_by_id():
+    inputs = keras.Input((5, 3))
+    ids = keras.Input((5,), dtype="int32")
+    layer = MoE(
+        4, 4, gate=moe_keras.HashGate(seed=7), top_k=2, dispatch="dense"
+    )
+    model = keras.Model([inputs, ids], layer(inputs, routing_ids=ids))
+    x = _x((2, 5, 3))
+    id_values = np.array([[3, 9, 3, 100, 2], [9, 9, 1, 0, 3]], "int32")
+    y = model.predict([x, id_values], verbose=0).reshape(-1, 4)
+    flat_ids = id_values.reshape(-1)
+    first = ((flat_ids % 32749) * 7703 + 7) % 32749 % 4
+    weights = np.zeros((10, 4), "float32")
+    for t in range(10):
+        for j in range(2):
+            weights[t, (first[t] + j) % 4] = 0.5
+    expected = _combine_np(weights, _experts_np(layer, x.reshape(-1, 3)))
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="routing_ids"):
+        layer(x)
+
+
+def test_round_robin_and_uniform_and_static():
+    x = _x((7, 3))
+    rr = MoE(3, 4, gate=moe_keras.RoundRobinGate(), top_k=1, dispatch="dense")
+    rr(x)
+    weights = np.eye(3, dtype="float32")[np.arange(7) % 3]
+    np.testing.assert_allclose(
+        np.asarray(rr(x)), _combine_np(weights, _experts_np(rr, x)), atol=1e-5
+    )
+    uniform = MoE(3, 4, gate=moe_keras.UniformGate())
+    uniform(x)
+    np.testing.assert_allclose(
+        np.asarray(uniform(x)),
+        _experts_np(uniform, x).mean(1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    static = MoE(3, 4, gate=moe_keras.StaticGate())
+    static(x)
+    static.gate.kernel.assign(np.array([0.0, 1.0, 2.0], "float32"))
+    weights = np.tile(reference.softmax(np.array([[0.0, 1.0, 2.0]])), (7, 1))
+    np.testing.assert_allclose(
+        np.asarray(static(x)),
+        _combine_np(weights, _experts_np(static, x)),
+        atol=1e-5,
+    )
+
+
+def test_random_gate_picks_distinct_experts():
+    gate = moe_keras.RandomGate(num_experts=5, seed=3)
+    routing = gate(_x((50, 3)), routing=True, top_k=3)
+    indices = np.asarray(routing["indices"])
+    assert all(len(set(row)) == 3 for row in indices)
+    assert set(indices.ravel()) == set(range(5))
+
+
+def test_per_feature_gate_forward():
+    layer = MoE(3, 4, gate=moe_keras.FeatureGate(), top_k=2, dispatch="dense")
+    x = _x((8, 3))
+    layer(x)
+    _randomize(layer)
+    probs = reference.softmax(x @ np.asarray(layer.gate.kernel))
+    weights, _ = reference.top_k_weights(probs, 2, True)
+    per_feature = reference.sigmoid(x @ np.asarray(layer.gate.feature_kernel))
+    weights = weights[..., None] * per_feature.reshape(8, 3, 4)
+    expected = _combine_np(weights, _experts_np(layer, x))
+    np.testing.assert_allclose(
+        np.asarray(layer(x)), expected, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_shared_experts_are_added_for_every_position():
+    layer = MoE(
+        3,
+        4,
+        top_k=1,
+        num_shared_experts=2,
+        shared_hidden_units=6,
+        activation="relu",
+        hidden_units=5,
+    )
+    x = _x((8, 3))
+    layer(x)
+    _randomize(layer)
+    routed = reference.moe_forward(layer, x)
+    shared = reference.experts_forward(layer.shared_experts, x).sum(1)
+    np.testing.assert_allclose(
+        np.asarray(layer(x)), routed + shared, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_heterogeneous_experts_forward():
+    layer = _layer("heterogeneous", dispatch="dense")
+    x = _x((8, 3))
+    layer(x)
+    assert layer.units == 4
+    probs = np.asarray(layer.gate(x))
+    weights, _ = reference.top_k_weights(probs, 2, True)
+    outs = np.stack(
+        [np.asarray(e(x)) for e in layer.experts.expert_layers], axis=1
+    )
+    np.testing.assert_allclose(
+        np.asarray(layer(x)), _combine_np(weights, outs), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_heterogeneous_experts_must_agree_on_units():
+    with pytest.raises(ValueError, match="same units"):
+        MoE(experts=[keras.layers.Dense(3), keras.layers.Dense(4)])(_x((2, 3)))
+    with pytest.raises(ValueError, match="Dropless"):
+        MoE(experts=[keras.layers.Dense(3)] * 2, top_k=1, capacity_factor=None)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: dict(gate=moe_keras.ExpertChoiceGate(), top_k=2), "top_k"),
+        (
+            lambda: dict(
+                gate=moe_keras.ExpertChoiceGate(), capacity_factor=None
+            ),
+            "capacity_factor",
+        ),
+        (lambda: dict(gate=moe_keras.UniformGate(), top_k=1), "top_k"),
+        (lambda: dict(gate=moe_keras.SoftmaxGate(jitter=1.5)), "jitter"),
+        (lambda: dict(gate=moe_keras.SoftmaxGate(dropout=-0.1)), "dropout"),
+        (lambda: dict(num_shared_experts=-1), "num_shared_experts"),
+    ],
+)
+def test_bad_routing_arguments(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        MoE(3, 4, **make())
+
+
+# --- signals -------------------------------------------------------------------
+
+
+def test_routing_metrics_match_numpy():
+    layer = MoE(4, 3, top_k=2)
+    x = _x((20, 3))
+    layer(x, training=True)
+    probs = np.asarray(layer.gate(x))
+    _, order = reference.top_k_weights(probs, 2, True)
+    load = np.bincount(order.ravel(), minlength=4) / order.size
+    np.testing.assert_allclose(
+        np.asarray(layer.expert_load.load()), load, atol=1e-6
+    )
+    assert float(layer.load_imbalance.result()) == pytest.approx(
+        load.max() * 4, rel=1e-5
+    )
+    entropy = -(probs * np.log(probs)).sum(-1).mean()
+    assert float(layer.router_entropy.result()) == pytest.approx(
+        entropy, rel=1e-4
+    )
+    total = sum(float(v) for v in layer.losses)
+    assert float(layer.aux_loss.result()) == pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="keras-team/keras#21639")
+def test_metrics_in_fit_and_evaluate_logs():
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            MoE(4, 2, top_k=2, name="moe_logs", log_expert_load=True),
+        ]
+    )
+    model.compile("adam", "mse")
+    history = model.fit(_x((32, 3)), _x((32, 2), 1), epochs=1, verbose=0)
+    for name in (
+        "dropped_fraction",
+        "load_imbalance",
+        "router_entropy",
+        "load_balance_loss",
+        "z_loss",
+        "aux_loss",
+        "expert_load_0",
+    ):
+        assert f"moe_logs_{name}" in history.history
+    results = model.evaluate(
+        _x((8, 3)), _x((8, 2), 1), return_dict=True, verbose=0
+    )
+    assert "moe_logs_load_imbalance" in results
+
+
+def test_expert_load_callback_writes_tensorboard_and_heatmap(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), MoE(4, 2, top_k=1), MoE(3, 2)])
+    model.compile("adam", "mse")
+    x = _x((32, 3))
+    callback = moe_keras.ExpertLoadCallback(
+        data=x,
+        log_dir=str(tmp_path / "tb"),
+        heatmap_path=str(tmp_path / "load.png"),
+    )
+    model.fit(x, _x((32, 2), 1), epochs=3, verbose=0, callbacks=[callback])
+    assert (tmp_path / "load.png").stat().st_size > 1000
+    assert any((tmp_path / "tb").iterdir())
+    for layer in model.layers:
+        load = callback.history[layer.name]
+        assert load.shape == (3, layer.num_experts)
+        np.testing.assert_allclose(load.sum(1), 1.0, rtol=1e-5)
+    # The last epoch's top-1 load of the first layer, recomputed by hand.
+    probs = np.asarray(model.layers[0].gate(x))
+    expected = np.bincount(probs.argmax(1), minlength=4) / 32
+    np.testing.assert_allclose(
+        callback.history[model.layers[0].name][-1], expected
+    )
+
+
+def test_losses_ignore_masked_positions_for_noisy_gate():
+    """Two identical layers (same weights, same seed) see the same real
+    positions and different garbage in the padding: same losses."""
+    x = _x((2, 6, 3))
+    mask = np.ones((2, 6), bool)
+    mask[:, 4:] = False
+    x_garbage = x.copy()
+    x_garbage[~mask] = 50.0
+    layers = [
+        MoE(3, 2, gate=moe_keras.NoisyTopKGate(seed=0), top_k=1)
+        for _ in range(2)
+    ]
+    for layer in layers:
+        layer(x)
+    layers[1].set_weights(layers[0].get_weights())
+    layers[0](x, mask=mask, training=True)
+    layers[1](x_garbage, mask=mask, training=True)
+    first, second = ([float(v) for v in layer.losses] for layer in layers)
+    assert len(first) == 4
+    np.testing.assert_allclose(first, second, rtol=1e-5)
