@@ -79,7 +79,7 @@ def run(name, epochs, seed):
         )
     else:  # expert choice: each expert takes the same number of tokens
         load = np.full(EXPERTS, 1.0 / EXPERTS)
-    mse = model.evaluate(x_test, y_test, verbose=0)
+    mse = model.evaluate(x_test, y_test, verbose=0, return_dict=True)["loss"]
     return load.max() * EXPERTS, mse
 
 
