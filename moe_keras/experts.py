@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from moe_keras import _config
 from moe_keras import _validation
 
 
@@ -217,25 +218,10 @@ class DenseExperts(keras.layers.Layer):
                 "activation": keras.activations.serialize(self.activation),
                 "gated": self.gated,
                 "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.kernel_initializer
-                ),
-                "bias_initializer": keras.initializers.serialize(
-                    self.bias_initializer
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.kernel_regularizer
-                ),
-                "bias_regularizer": keras.regularizers.serialize(
-                    self.bias_regularizer
-                ),
-                "kernel_constraint": keras.constraints.serialize(
-                    self.kernel_constraint
-                ),
-                "bias_constraint": keras.constraints.serialize(
-                    self.bias_constraint
-                ),
             }
+        )
+        config.update(
+            _config.weight_options(self, _config.EXPERT_WEIGHT_OPTIONS)
         )
         return config
 

@@ -16,6 +16,7 @@ touching dispatch or experts.
 import keras
 from keras import ops
 
+from moe_keras import _config
 from moe_keras import _validation
 from moe_keras import losses as losses_lib
 
@@ -234,23 +235,14 @@ class Gate(keras.layers.Layer):
             {
                 "num_experts": self.num_experts,
                 "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.kernel_initializer
-                ),
-                "bias_initializer": keras.initializers.serialize(
-                    self.bias_initializer
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.kernel_regularizer
-                ),
-                "bias_regularizer": keras.regularizers.serialize(
-                    self.bias_regularizer
-                ),
                 "jitter": self.jitter,
                 "dropout": self.dropout,
                 "bias_update_rate": self.bias_update_rate,
                 "seed": self.seed,
             }
+        )
+        config.update(
+            _config.weight_options(self, _config.ROUTER_WEIGHT_OPTIONS)
         )
         return config
 

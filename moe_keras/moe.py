@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from moe_keras import _config
 from moe_keras import _validation
 from moe_keras import dispatch as dispatch_lib
 from moe_keras import gates as gates_lib
@@ -541,25 +542,10 @@ class MoE(keras.layers.Layer):
                 "load_balance_weight": self.load_balance_weight,
                 "z_loss_weight": self.z_loss_weight,
                 "log_expert_load": self.log_expert_load,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.kernel_initializer
-                ),
-                "bias_initializer": keras.initializers.serialize(
-                    self.bias_initializer
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.kernel_regularizer
-                ),
-                "bias_regularizer": keras.regularizers.serialize(
-                    self.bias_regularizer
-                ),
-                "kernel_constraint": keras.constraints.serialize(
-                    self.kernel_constraint
-                ),
-                "bias_constraint": keras.constraints.serialize(
-                    self.bias_constraint
-                ),
             }
+        )
+        config.update(
+            _config.weight_options(self, _config.EXPERT_WEIGHT_OPTIONS)
         )
         if isinstance(self.experts, ExpertList):
             config["experts"] = self.experts.get_config()["experts"]
