@@ -9,12 +9,18 @@ side by side in one run:
 - `dropless`: `MoE(dispatch="sparse", capacity_factor=None)`;
 - `dense`: `MoE(dispatch="dense")`, every expert on every token, masked;
 - `keras-hub`: keras-hub's `MixtralSparseMoeBlock`, which also computes
-  every expert for every token (skipped if keras-hub is not installed).
+  every expert for every token (skipped if keras-hub is not installed);
+- `ragged` (JAX only, not in the default list): a dropless MoE written
+  directly on `jax.lax.ragged_dot` (tokens sorted by expert, one ragged
+  matmul per projection), to measure that op against our dispatch.
 
-Each variant runs in its own process so that its peak memory (max RSS, and
-the growth of RSS from just before the first step) is its own. Run with
-`KERAS_BACKEND=tensorflow` (steps compiled with `jit_compile=True`) or
-`KERAS_BACKEND=jax`:
+Step times come from one process holding every variant, timed in turns
+(one step of each, round after round), so a noisy neighbour slows all of
+them alike and the ratios hold; the table gives the median and the
+fastest step. Memory comes from a separate process per variant, so that
+its peak (max RSS, and the growth of RSS from just before the first step)
+is its own. Run with `KERAS_BACKEND=tensorflow` (steps compiled with
+`jit_compile=True`) or `KERAS_BACKEND=jax`:
 
     KERAS_BACKEND=tensorflow python benchmarks/dispatch_benchmark.py
 """
@@ -69,6 +75,8 @@ def _build(variant, cfg):
                 return self.down(gated)
 
         outputs = SwiGLU()(inputs)
+    elif variant == "ragged":
+        outputs = _RaggedMoE(e, k, h, d)(inputs)
     elif variant == "keras-hub":
         from keras_hub.src.models.mixtral.mixtral_decoder import (
             MixtralSparseMoeBlock,
@@ -108,18 +116,65 @@ def _build(variant, cfg):
     return keras.Model(inputs, outputs)
 
 
-def _worker(variant, cfg, steps, policy):
+def _ragged_moe_class():
+    import jax
     import keras
-    import numpy as np
 
-    if policy:
-        keras.config.set_dtype_policy(policy)
+    class RaggedMoE(keras.layers.Layer):
+        """Top-k SwiGLU experts on `jax.lax.ragged_dot` (JAX backend)."""
+
+        def __init__(self, experts, top_k, hidden, units, **kwargs):
+            super().__init__(**kwargs)
+            self.e, self.k, self.h, self.u = experts, top_k, hidden, units
+
+        def build(self, shape):
+            d = shape[-1]
+            self.router = self.add_weight(shape=(d, self.e))
+            self.w_in = self.add_weight(shape=(self.e, d, 2 * self.h))
+            self.w_out = self.add_weight(shape=(self.e, self.h, self.u))
+
+        def call(self, x):
+            jnp = jax.numpy
+            tokens = jnp.reshape(x, (-1, x.shape[-1]))
+            probs = jax.nn.softmax(tokens @ self.router.value, axis=-1)
+            weights, experts = jax.lax.top_k(probs, self.k)
+            weights = weights / jnp.sum(weights, -1, keepdims=True)
+            order = jnp.argsort(jnp.reshape(experts, (-1,)), stable=True)
+            token_of = order // self.k
+            sizes = jnp.bincount(jnp.reshape(experts, (-1,)), length=self.e)
+            h = jax.lax.ragged_dot(tokens[token_of], self.w_in.value, sizes)
+            gate, up = jnp.split(h, 2, axis=-1)
+            out = jax.lax.ragged_dot(
+                jax.nn.silu(gate) * up, self.w_out.value, sizes
+            )
+            out = out * jnp.reshape(weights, (-1,))[order][:, None]
+            y = jnp.zeros((tokens.shape[0], self.u), out.dtype)
+            y = y.at[token_of].add(out)
+            return jnp.reshape(y, x.shape[:-1] + (self.u,))
+
+    return RaggedMoE
+
+
+def _RaggedMoE(*args):
+    return _ragged_moe_class()(*args)
+
+
+def _compiled(variant, cfg):
+    import keras
+
     model = _build(variant, cfg)
     model.compile(
         optimizer=keras.optimizers.SGD(1e-3),
         loss="mse",
         jit_compile=True,
     )
+    return model
+
+
+def _data(cfg):
+    import keras
+    import numpy as np
+
     rng = np.random.RandomState(0)
     shape = (1, cfg["tokens"], cfg["features"])
     x = rng.normal(size=shape).astype("float32")
@@ -128,21 +183,67 @@ def _worker(variant, cfg, steps, policy):
         import jax
 
         x, y = jax.device_put(x), jax.device_put(y)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return x, y
+
+
+def _rss_mb():
+    """(current, peak) resident memory of this process in MB.
+
+    Read from /proc where there is one: `ru_maxrss` would count the
+    parent's memory too, which a forked child starts from.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status)
+        return tuple(
+            int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")
+        )
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak, peak
+
+
+def _memory_worker(variant, cfg):
+    """Peak memory of a few steps of one variant, alone in its process."""
+    model = _compiled(variant, cfg)
+    x, y = _data(cfg)
+    _, peak_before = _rss_mb()
     for _ in range(3):
         model.train_on_batch(x, y)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        model.train_on_batch(x, y)  # returns a host value: the step is done
-        times.append(time.perf_counter() - start)
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _, peak = _rss_mb()
     return {
-        "step_ms": 1000 * float(np.median(times)),
-        "peak_rss_mb": rss_peak / 1024,
-        "step_rss_mb": (rss_peak - rss_before) / 1024,
+        "peak_rss_mb": peak,
+        "step_rss_mb": peak - peak_before,
         "xla_temp_mb": _xla_temp_mb(model, x, y),
     }
+
+
+def _time_variants(variants, cfg, steps):
+    """Median and fastest step of each variant, timed in turns."""
+    import numpy as np
+
+    x, y = _data(cfg)
+    models, times = {}, {}
+    for variant in variants:
+        try:
+            models[variant] = _compiled(variant, cfg)
+            for _ in range(3):  # compile and warm up
+                models[variant].train_on_batch(x, y)
+        except Exception as error:  # e.g. keras-hub missing
+            times[variant] = {"error": f"{type(error).__name__}: {error}"}
+            models.pop(variant, None)
+    samples = {variant: [] for variant in models}
+    for _ in range(steps):
+        for variant, model in models.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)  # returns host values: step done
+            samples[variant].append(time.perf_counter() - start)
+    for variant, values in samples.items():
+        times[variant] = {
+            "step_ms": 1000 * float(np.median(values)),
+            "min_ms": 1000 * float(np.min(values)),
+        }
+    return times
 
 
 def _xla_temp_mb(model, x, y):
@@ -168,16 +269,14 @@ def _xla_temp_mb(model, x, y):
     return analysis.temp_size_in_bytes / 2**20
 
 
-def _run_variant(variant, config_name, steps, policy):
+def _memory(variant, config_name, policy):
     cmd = [
         sys.executable,
         __file__,
-        "--worker",
+        "--memory-worker",
         variant,
         "--configs",
         config_name,
-        "--steps",
-        str(steps),
     ]
     if policy:
         cmd += ["--dtype-policy", policy]
@@ -221,7 +320,7 @@ def main(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype-policy", default=None)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config_names = args.configs.split(",")
     for name in config_names:
@@ -230,10 +329,12 @@ def main(argv=None):
                 f"unknown config {name!r}; choose from {sorted(CONFIGS)}"
             )
 
-    if args.worker:
-        result = _worker(
-            args.worker, CONFIGS[config_names[0]], args.steps, args.dtype_policy
-        )
+    if args.dtype_policy:
+        import keras
+
+        keras.config.set_dtype_policy(args.dtype_policy)
+    if args.memory_worker:
+        result = _memory_worker(args.memory_worker, CONFIGS[config_names[0]])
         print("RESULT " + json.dumps(result))
         return
 
@@ -257,30 +358,35 @@ def main(argv=None):
             f"hidden={cfg['hidden']} E={cfg['experts']} k={cfg['top_k']}"
             + (f" policy={args.dtype_policy}" if args.dtype_policy else "")
         )
-        results = {}
-        for variant in args.variants.split(","):
-            results[variant] = _run_variant(
-                variant, name, args.steps, args.dtype_policy
-            )
+        variants = args.variants.split(",")
+        memory = {v: _memory(v, name, args.dtype_policy) for v in variants}
+        results = _time_variants(variants, cfg, args.steps)
         base = results.get("ffn", {}).get("step_ms")
         hub = results.get("keras-hub", {}).get("step_ms")
         print(
-            "| variant | step ms | x FFN | keras-hub / this | useful TFLOP/s "
-            "| peak RSS MB | RSS growth in steps MB | XLA temp MB |"
+            "| variant | step ms (median) | fastest ms | x FFN | "
+            "keras-hub / this | useful TFLOP/s | peak RSS MB | "
+            "RSS growth in steps MB | XLA temp MB |"
         )
-        print("|---|---|---|---|---|---|---|---|")
-        for variant, r in results.items():
+        print("|---|---|---|---|---|---|---|---|---|")
+        for variant in variants:
+            r, m = results[variant], memory[variant]
             if "error" in r:
-                print(f"| {variant} | failed: {r['error'][:80]} | | | | | | |")
+                print(f"| {variant} | failed: {r['error'][:80]} |" + " |" * 7)
                 continue
             ms = r["step_ms"]
             ratio = f"{ms / base:.2f}" if base else "-"
             speedup = f"{hub / ms:.1f}" if hub else "-"
+            if "error" in m:
+                mem = "- | - | - |"
+            else:
+                temp = m["xla_temp_mb"]
+                mem = f"{m['peak_rss_mb']:.0f} | {m['step_rss_mb']:.0f} | " + (
+                    f"{temp:.0f} |" if temp is not None else "- |"
+                )
             print(
-                f"| {variant} | {ms:.1f} | {ratio} | {speedup} | "
-                f"{flops / ms / 1e9:.3f} | {r['peak_rss_mb']:.0f} | "
-                f"{r['step_rss_mb']:.0f} | "
-                + (f"{r['xla_temp_mb']:.0f} |" if r["xla_temp_mb"] else "- |")
+                f"| {variant} | {ms:.1f} | {r['min_ms']:.1f} | {ratio} | "
+                f"{speedup} | {flops / ms / 1e9:.3f} | " + mem
             )
 
 

@@ -198,19 +198,15 @@ def combine(expert_outputs, weights, plan):
     slot_assignment = plan.slot_assignment
     slot_filled = plan.slot_filled
 
-    def picked(flat_outputs):
-        # [T, k, u]. Recomputed in the backward pass rather than kept: as a
-        # gather feeding a reduction, XLA fuses it into one pass over memory.
-        rows = ops.take(flat_outputs, assignment_slot, axis=0)
-        return ops.reshape(rows, (-1, top_k, units))
-
     def forward(flat_outputs, weights):
         dtype = flat_outputs.dtype
         # [T * k, 1 or u]: the weight of each assignment, 0 if dropped.
         kept_weights = ops.reshape(weights, (ops.shape(kept)[0], -1))
         kept_weights = kept_weights * ops.cast(kept, dtype)[:, None]
+        # A gather feeding a reduction over k: XLA fuses it into one pass.
+        picked = ops.take(flat_outputs, assignment_slot, axis=0)
         y = ops.sum(
-            picked(flat_outputs)
+            ops.reshape(picked, (-1, top_k, units))
             * ops.reshape(
                 kept_weights, (-1, top_k, ops.shape(kept_weights)[-1])
             ),
@@ -220,17 +216,27 @@ def combine(expert_outputs, weights, plan):
         def backward(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            # d out[s] = w[a(s)] * dy[token(s)]: a gather by slot.
+            # Both gradients start from dy of each slot's token. d out[s] =
+            # w[a(s)] * dy[token(s)]; d w[a] = <out[s], dy[token(s)]> is
+            # taken per slot, in the same pass over the outputs, then
+            # gathered to the assignments.
+            slot_dy = ops.take(upstream, slot_token, axis=0)  # [slots, u]
             slot_weight = ops.take(kept_weights, slot_assignment, axis=0)
             slot_weight = slot_weight * ops.cast(slot_filled, dtype)[:, None]
-            d_outputs = ops.take(upstream, slot_token, axis=0) * slot_weight
-            d_weights = picked(flat_outputs) * upstream[:, None, :]
-            if not per_feature:
-                d_weights = ops.sum(d_weights, axis=-1)
-            kept_tk = ops.reshape(ops.cast(kept, dtype), (-1, top_k))
+            d_outputs = slot_dy * slot_weight
             if per_feature:
-                kept_tk = kept_tk[..., None]
-            return d_outputs, d_weights * kept_tk
+                slot_dw = slot_dy * flat_outputs
+            else:
+                # A row-wise dot as a batched matmul: XLA on CPU would
+                # otherwise write out the product before reducing it.
+                slot_dw = ops.matmul(
+                    slot_dy[:, None, :], flat_outputs[:, :, None]
+                )[:, 0, :]  # [slots, 1]
+            d_weights = ops.take(slot_dw, assignment_slot, axis=0)
+            d_weights = d_weights * ops.cast(kept, dtype)[:, None]
+            return d_outputs, ops.reshape(
+                d_weights, (-1,) + tuple(weights.shape[1:])
+            )
 
         return y, backward
 

@@ -27,6 +27,33 @@ def _per_expert_initializer(initializer, num_experts):
     return initializer
 
 
+# Up to this many experts, grouped calls run one matmul per expert.
+_UNROLL_EXPERTS = 8
+
+
+@ops.custom_gradient
+def _swiglu(h):
+    """`silu(gate) * up` of a fused `[..., 2 * hidden]` projection.
+
+    Autodiff of the split keeps `sigmoid(gate)` and `silu(gate)` as two
+    saved intermediates and differentiates each half in its own pass; here
+    the backward recomputes the sigmoid from `h` (kept anyway for the
+    matmul's gradient) and writes both halves of the gradient in one
+    elementwise pass over memory.
+    """
+    gate, up = ops.split(h, 2, axis=-1)
+    sig = ops.sigmoid(gate)
+
+    def backward(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        d_gate = upstream * up * sig * (1.0 + gate * (1.0 - sig))
+        d_up = upstream * gate * sig
+        return ops.concatenate([d_gate, d_up], axis=-1)
+
+    return gate * sig * up, backward
+
+
 def _take(weight, indices):
     return None if weight is None else ops.take(weight, indices, axis=0)
 
@@ -149,10 +176,12 @@ class DenseExperts(keras.layers.Layer):
         return self.kernel_in, self.bias_in
 
     def _activate(self, h):
-        if self.gated:
-            gate, up = ops.split(h, 2, axis=-1)
-            return self.activation(gate) * up
-        return self.activation(h)
+        if not self.gated:
+            return self.activation(h)
+        if self.activation is keras.activations.silu:
+            return _swiglu(h)
+        gate, up = ops.split(h, 2, axis=-1)
+        return self.activation(gate) * up
 
     def call(self, inputs, grouped=False, group_experts=None):
         if grouped:
@@ -191,16 +220,42 @@ class DenseExperts(keras.layers.Layer):
                 _take(bias, group_experts),
                 _take(bias_out, group_experts),
             )
-        # [groups, tokens, features] -> [groups, tokens, width]
-        h = ops.einsum("gtd,gdh->gth", inputs, kernel)
+        elif self.num_experts <= _UNROLL_EXPERTS:
+            # A few large matmuls, one per expert, beat one batched matmul
+            # on CPU (XLA runs them as independent, each multithreaded);
+            # elsewhere they cost the same.
+            return ops.stack(
+                [
+                    self._mlp(
+                        inputs[e],
+                        kernel[e],
+                        None if bias is None else bias[e],
+                        None if kernel_out is None else kernel_out[e],
+                        None if bias_out is None else bias_out[e],
+                    )
+                    for e in range(self.num_experts)
+                ]
+            )
+        return self._mlp(
+            inputs,
+            kernel,
+            None if bias is None else bias[:, None, :],
+            kernel_out,
+            None if bias_out is None else bias_out[:, None, :],
+        )
+
+    def _mlp(self, x, kernel, bias, kernel_out, bias_out):
+        """One expert's `[tokens, features]`, or a batch of groups with
+        leading axes on every argument."""
+        h = ops.matmul(x, kernel)
         if bias is not None:
-            h = h + bias[:, None, :]
+            h = h + bias
         h = self._activate(h)
-        if self.hidden_units is None:
+        if kernel_out is None:
             return h
-        out = ops.einsum("gth,ghu->gtu", h, kernel_out)
+        out = ops.matmul(h, kernel_out)
         if bias_out is not None:
-            out = out + bias_out[:, None, :]
+            out = out + bias_out
         return out
 
     def compute_output_spec(self, inputs, grouped=False, group_experts=None):

@@ -303,6 +303,77 @@ def test_regression_mixed_precision_learns():
     assert keras.config.dtype_policy().name == "float32"
 
 
+LM_TINY_ARGS = [
+    "--steps", "40", "--eval-every", "20", "--batch-size", "16",
+    "--seq-len", "32", "--d-model", "32", "--heads", "2", "--layers", "1",
+    "--experts", "4", "--top-k", "2", "--hidden", "32", "--timing-rounds", "1",
+    "--verbose", "0",
+]  # fmt: skip
+
+
+def test_language_model_learns(tmp_path, capsys):
+    example = _load_example("language_model")
+    result = example.main([*LM_TINY_ARGS, "--output-dir", str(tmp_path)])
+    uniform = np.log(result["vocab_size"])
+    assert 60 < result["vocab_size"] < 200  # characters of English text
+    for name in ("dense", "moe"):
+        curve = result[name]
+        assert curve["steps"] == [0, 20, 40]
+        # Untrained, the model is close to guessing uniformly; both learn
+        # well past that within 40 steps.
+        assert abs(curve["val_ce"][0] - uniform) < 0.5, curve
+        assert curve["val_ce"][-1] < 0.8 * uniform, curve
+        assert curve["val_ppl"][-1] == pytest.approx(
+            np.exp(curve["val_ce"][-1])
+        )
+        assert curve["step_ms"] > 0 and curve["fit_step_ms"] > 0
+    dense, moe = result["dense"], result["moe"]
+    # Same FFN weights per token: the MoE only adds its routers (d_model x
+    # experts, no bias), and holds its other experts besides.
+    assert dense["router_params"] == 0
+    assert moe["router_params"] == 32 * 4
+    assert moe["active_params"] == dense["active_params"] + moe["router_params"]
+    assert moe["params"] > moe["active_params"] == dense["params"] + 32 * 4
+    # Only TensorFlow's `fit` logs carry the MoE's own metrics.
+    routing = {"moe_0_dropped_fraction", "moe_0_load_imbalance"}
+    assert set(moe["routing"]) == (
+        routing if BACKEND == "tensorflow" else set()
+    )
+    saved = json.loads((tmp_path / "lm_experiment.json").read_text())
+    assert saved["moe"]["val_ce"] == moe["val_ce"]
+    assert (tmp_path / "lm_experiment.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "active/tok" in printed and "step ms" in printed
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--steps", "0"],
+        ["--steps", "100", "--eval-every", "30"],
+        ["--top-k", "3", "--experts", "2"],
+        ["--d-model", "30", "--heads", "4"],
+        ["--seq-len", "1"],
+        ["--seq-len", "100000"],
+        ["--learning-rate", "0"],
+        ["--learning-rate", "nan"],
+        ["--batch-size", "many"],
+    ],
+    ids=" ".join,
+)
+def test_language_model_rejects_bad_flags(args, tmp_path, capsys):
+    example = _load_example("language_model")
+    out = tmp_path / "outputs"
+    with pytest.raises(SystemExit) as exit_info:
+        example.main([*args, "--output-dir", str(out)])
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    lines = printed.err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0], printed.err
+    assert not out.exists()  # rejected before anything was written
+
+
 # --------------------------------------------------------------------------
 # examples/train.py
 # --------------------------------------------------------------------------
