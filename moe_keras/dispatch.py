@@ -216,10 +216,10 @@ def combine(expert_outputs, weights, plan):
         def backward(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            # Both gradients start from dy of each slot's token. d out[s] =
-            # w[a(s)] * dy[token(s)]; d w[a] = <out[s], dy[token(s)]> is
-            # taken per slot, in the same pass over the outputs, then
-            # gathered to the assignments.
+            # Both gradients start from dy of each slot's token, gathered
+            # once: d out[s] = w[a(s)] * dy[token(s)], and d w[a] =
+            # <out[s], dy[token(s)]> taken per slot, then gathered back to
+            # the assignments.
             slot_dy = ops.take(upstream, slot_token, axis=0)  # [slots, u]
             slot_weight = ops.take(kept_weights, slot_assignment, axis=0)
             slot_weight = slot_weight * ops.cast(slot_filled, dtype)[:, None]

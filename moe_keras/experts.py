@@ -35,11 +35,9 @@ _UNROLL_EXPERTS = 8
 def _swiglu(h):
     """`silu(gate) * up` of a fused `[..., 2 * hidden]` projection.
 
-    Autodiff of the split keeps `sigmoid(gate)` and `silu(gate)` as two
-    saved intermediates and differentiates each half in its own pass; here
-    the backward recomputes the sigmoid from `h` (kept anyway for the
-    matmul's gradient) and writes both halves of the gradient in one
-    elementwise pass over memory.
+    Autodiff of the split saves both `sigmoid(gate)` and `silu(gate)` for
+    the backward pass; here only the sigmoid is kept, and each half of the
+    gradient is one fused elementwise expression of it, `gate` and `up`.
     """
     gate, up = ops.split(h, 2, axis=-1)
     sig = ops.sigmoid(gate)
@@ -221,9 +219,9 @@ class DenseExperts(keras.layers.Layer):
                 _take(bias_out, group_experts),
             )
         elif self.num_experts <= _UNROLL_EXPERTS:
-            # A few large matmuls, one per expert, beat one batched matmul
-            # on CPU (XLA runs them as independent, each multithreaded);
-            # elsewhere they cost the same.
+            # A few large matmuls, one per expert, measured faster than one
+            # batched matmul on CPU (XLA runs them as independent,
+            # multithreaded ops); past 8 experts the batched form wins.
             return ops.stack(
                 [
                     self._mlp(
