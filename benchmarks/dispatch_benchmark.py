@@ -186,8 +186,8 @@ def _data(cfg):
     return x, y
 
 
-def _rss_mb():
-    """(current, peak) resident memory of this process in MB.
+def _peak_rss_mb():
+    """Peak resident memory of this process in MB.
 
     Read from /proc where there is one: `ru_maxrss` would count the
     parent's memory too, which a forked child starts from.
@@ -195,22 +195,19 @@ def _rss_mb():
     try:
         with open("/proc/self/status") as status:
             fields = dict(line.split(":", 1) for line in status)
-        return tuple(
-            int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")
-        )
+        return int(fields["VmHWM"].split()[0]) / 1024
     except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return peak, peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _memory_worker(variant, cfg):
     """Peak memory of a few steps of one variant, alone in its process."""
     model = _compiled(variant, cfg)
     x, y = _data(cfg)
-    _, peak_before = _rss_mb()
+    peak_before = _peak_rss_mb()
     for _ in range(3):
         model.train_on_batch(x, y)
-    _, peak = _rss_mb()
+    peak = _peak_rss_mb()
     return {
         "peak_rss_mb": peak,
         "step_rss_mb": peak - peak_before,
