@@ -182,16 +182,51 @@ def dispatch(x, plan):
     return ops.reshape(buffers, (plan.num_groups, plan.group_size, features))
 
 
+def slot_weights(weights, plan):
+    """Gate weights `[T, k]` -> `[groups, group_size]`, each slot's weight.
+
+    For experts that scale their own hidden activations (see `combine` with
+    `weights=None`); empty slots get 0. Both directions are gathers through
+    the plan's maps.
+    """
+    assignment_slot, kept = plan.assignment_slot, plan.kept
+    slot_assignment, slot_filled = plan.slot_assignment, plan.slot_filled
+    shape = ops.shape(weights)
+
+    def forward(weights):
+        dtype = weights.dtype
+        flat = ops.reshape(weights, (-1,))
+        per_slot = ops.take(flat, slot_assignment, axis=0)
+        per_slot = per_slot * ops.cast(slot_filled, dtype)
+
+        def backward(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            grads = ops.take(upstream, assignment_slot, axis=0)
+            return ops.reshape(grads * ops.cast(kept, dtype), shape)
+
+        return per_slot, backward
+
+    per_slot = ops.custom_gradient(forward)(weights)
+    return ops.reshape(per_slot, (plan.num_groups, plan.group_size))
+
+
 def combine(expert_outputs, weights, plan):
     """Buffers `[groups, group_size, u]` and weights -> `[T, u]`.
 
     `y_t = sum_j w_tj * out[slot(t, j)]`, dropped assignments contributing
-    0. Weights are `[T, k]`, or `[T, k, u]` for per-feature gates.
+    0. Weights are `[T, k]`, or `[T, k, u]` for per-feature gates, or
+    `None` when the experts already scaled each slot's output by its
+    weight (`slot_weights`): then combine is a plain gather-sum, and its
+    backward one gather with no slot-sized product to keep for the weights'
+    gradient.
     """
     top_k = plan.top_k
     units = ops.shape(expert_outputs)[-1]
-    per_feature = len(weights.shape) == 3
     flat_outputs = ops.reshape(expert_outputs, (-1, units))  # [slots, u]
+    if weights is None:
+        return _gather_sum(flat_outputs, plan)
+    per_feature = len(weights.shape) == 3
     assignment_slot = plan.assignment_slot
     kept = plan.kept
     slot_token = plan.slot_assignment // top_k
@@ -227,11 +262,7 @@ def combine(expert_outputs, weights, plan):
             if per_feature:
                 slot_dw = slot_dy * flat_outputs
             else:
-                # A row-wise dot as a batched matmul: XLA on CPU would
-                # otherwise write out the product before reducing it.
-                slot_dw = ops.matmul(
-                    slot_dy[:, None, :], flat_outputs[:, :, None]
-                )[:, 0, :]  # [slots, 1]
+                slot_dw = row_dot(slot_dy, flat_outputs)  # [slots, 1]
             d_weights = ops.take(slot_dw, assignment_slot, axis=0)
             d_weights = d_weights * ops.cast(kept, dtype)[:, None]
             return d_outputs, ops.reshape(
@@ -242,6 +273,40 @@ def combine(expert_outputs, weights, plan):
 
     weights = ops.cast(weights, flat_outputs.dtype)
     return ops.custom_gradient(forward)(flat_outputs, weights)
+
+
+def _gather_sum(flat_outputs, plan):
+    """`y_t = sum_j out[slot(t, j)]` over kept assignments."""
+    top_k = plan.top_k
+    units = ops.shape(flat_outputs)[-1]
+    assignment_slot, kept = plan.assignment_slot, plan.kept
+    slot_token = plan.slot_assignment // top_k
+    slot_filled = plan.slot_filled
+
+    def forward(flat_outputs):
+        dtype = flat_outputs.dtype
+        picked = ops.take(flat_outputs, assignment_slot, axis=0)
+        picked = picked * ops.cast(kept, dtype)[:, None]
+        y = ops.sum(ops.reshape(picked, (-1, top_k, units)), axis=1)
+
+        def backward(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            grads = ops.take(upstream, slot_token, axis=0)
+            return grads * ops.cast(slot_filled, dtype)[:, None]
+
+        return y, backward
+
+    return ops.custom_gradient(forward)(flat_outputs)
+
+
+def row_dot(a, b):
+    """`sum(a * b, axis=-1, keepdims=True)` over rows `[..., n]`.
+
+    Written as a batched matmul: XLA on CPU would otherwise write out the
+    product before reducing it.
+    """
+    return ops.matmul(a[..., None, :], b[..., :, None])[..., 0]
 
 
 def _exclusive_cumsum(values, block=128):

@@ -5,6 +5,7 @@ from keras import ops
 
 from moe_keras import _config
 from moe_keras import _validation
+from moe_keras import dispatch as dispatch_lib
 
 
 def _per_expert_initializer(initializer, num_experts):
@@ -31,25 +32,78 @@ def _per_expert_initializer(initializer, num_experts):
 _UNROLL_EXPERTS = 8
 
 
+def _swiglu_grad(h, upstream, weights=None):
+    """Gradient of `silu(gate) * up` for the fused `h = [gate, up]`.
+
+    The sigmoid is recomputed here rather than kept from the forward pass:
+    on CPU a saved activation costs more (its memory is fresh every step)
+    than the arithmetic. Both halves come out of one select over a
+    `[..., 2, hidden]` view; XLA on CPU would write each half out and then
+    copy both into a concatenation.
+    """
+    hidden = h.shape[-1] // 2
+    halves = ops.reshape(h, (-1, 2, hidden))
+    gate, up = halves[:, :1], halves[:, 1:]
+    sig = _sigmoid_again(gate)
+    d = ops.reshape(upstream, (-1, 1, hidden)) * sig
+    if weights is not None:
+        d = d * ops.reshape(weights, (-1, 1, 1))
+    is_gate = ops.arange(2)[:, None] == 0
+    grads = ops.where(is_gate, d * up * (1.0 + gate * (1.0 - sig)), d * gate)
+    return ops.reshape(grads, ops.shape(h))
+
+
+def _sigmoid_again(x):
+    # The same sigmoid spelled differently, so XLA's common-subexpression
+    # pass cannot merge the backward's recomputation with the forward's
+    # value and keep that alive instead.
+    return 0.5 + 0.5 * ops.tanh(0.5 * x)
+
+
+def _silu_times(h, sigmoid=ops.sigmoid):
+    gate, up = ops.split(h, 2, axis=-1)
+    return gate * sigmoid(gate) * up
+
+
 @ops.custom_gradient
 def _swiglu(h):
-    """`silu(gate) * up` of a fused `[..., 2 * hidden]` projection.
-
-    Autodiff of the split saves both `sigmoid(gate)` and `silu(gate)` for
-    the backward pass; here only the sigmoid is kept, and each half of the
-    gradient is one fused elementwise expression of it, `gate` and `up`.
-    """
-    gate, up = ops.split(h, 2, axis=-1)
-    sig = ops.sigmoid(gate)
+    """`silu(gate) * up` of a fused `[..., 2 * hidden]` projection, saving
+    only `h` for the backward pass."""
 
     def backward(*args, upstream=None):
         if upstream is None:
             (upstream,) = args
-        d_gate = upstream * up * sig * (1.0 + gate * (1.0 - sig))
-        d_up = upstream * gate * sig
-        return ops.concatenate([d_gate, d_up], axis=-1)
+        return _swiglu_grad(h, upstream)
 
-    return gate * sig * up, backward
+    return _silu_times(h), backward
+
+
+@ops.custom_gradient
+def _swiglu_scaled(h, weights):
+    """`_swiglu(h) * weights[..., None]`: one pass forward, and the weights'
+    gradient a row-wise dot with the recomputed activation."""
+
+    def backward(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        activation = _silu_times(h, _sigmoid_again)
+        d_weights = ops.sum(upstream * activation, axis=-1)
+        return _swiglu_grad(h, upstream, weights), d_weights
+
+    return _silu_times(h) * weights[..., None], backward
+
+
+@ops.custom_gradient
+def _scale_rows(h, weights):
+    """`h * weights[..., None]`, its weights gradient a row-wise dot."""
+
+    def backward(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        d_weights = dispatch_lib.row_dot(upstream, h)[..., 0]
+        return upstream * weights[..., None], d_weights
+
+    return h * weights[..., None], backward
 
 
 def _take(weight, indices):
@@ -173,17 +227,24 @@ class DenseExperts(keras.layers.Layer):
             return self.kernel, self.bias
         return self.kernel_in, self.bias_in
 
-    def _activate(self, h):
-        if not self.gated:
-            return self.activation(h)
-        if self.activation is keras.activations.silu:
-            return _swiglu(h)
-        gate, up = ops.split(h, 2, axis=-1)
-        return self.activation(gate) * up
+    def _activate(self, h, row_weights=None):
+        """The activation, then each row scaled by `row_weights`."""
+        if self.gated and self.activation is keras.activations.silu:
+            if row_weights is None:
+                return _swiglu(h)
+            return _swiglu_scaled(h, row_weights)
+        if self.gated:
+            gate, up = ops.split(h, 2, axis=-1)
+            h = self.activation(gate) * up
+        else:
+            h = self.activation(h)
+        return h if row_weights is None else _scale_rows(h, row_weights)
 
-    def call(self, inputs, grouped=False, group_experts=None):
+    def call(
+        self, inputs, grouped=False, group_experts=None, group_weights=None
+    ):
         if grouped:
-            return self._grouped(inputs, group_experts)
+            return self._grouped(inputs, group_experts, group_weights)
         # Every expert on every position. Flattened to plain matmuls: an
         # einsum with an ellipsis here makes TensorFlow broadcast to
         # [tokens, experts, features, hidden] before contracting.
@@ -205,9 +266,11 @@ class DenseExperts(keras.layers.Layer):
             h, tuple(shape[:-1]) + (self.num_experts, self.units)
         )
 
-    def _grouped(self, inputs, group_experts):
+    def _grouped(self, inputs, group_experts, group_weights):
         kernel, bias = self._first_projection()
         kernel_out, bias_out = self.kernel_out, self.bias_out
+        if group_weights is not None:
+            group_weights = ops.cast(group_weights, self.compute_dtype)
         if group_experts is not None:
             # Each group runs the expert it belongs to.
             kernel, kernel_out = (
@@ -230,6 +293,7 @@ class DenseExperts(keras.layers.Layer):
                         None if bias is None else bias[e],
                         None if kernel_out is None else kernel_out[e],
                         None if bias_out is None else bias_out[e],
+                        None if group_weights is None else group_weights[e],
                     )
                     for e in range(self.num_experts)
                 ]
@@ -240,23 +304,31 @@ class DenseExperts(keras.layers.Layer):
             None if bias is None else bias[:, None, :],
             kernel_out,
             None if bias_out is None else bias_out[:, None, :],
+            group_weights,
         )
 
-    def _mlp(self, x, kernel, bias, kernel_out, bias_out):
+    def _mlp(self, x, kernel, bias, kernel_out, bias_out, row_weights=None):
         """One expert's `[tokens, features]`, or a batch of groups with
-        leading axes on every argument."""
+        leading axes on every argument. `row_weights` (`[..., tokens]`)
+        scales each row's output."""
         h = ops.matmul(x, kernel)
         if bias is not None:
             h = h + bias
-        h = self._activate(h)
+        # Scaling the hidden activations, before the down projection, is
+        # the same as scaling the output, and fuses into the activation.
+        h = self._activate(h, row_weights)
         if kernel_out is None:
             return h
         out = ops.matmul(h, kernel_out)
         if bias_out is not None:
+            if row_weights is not None:
+                bias_out = bias_out * row_weights[..., None]
             out = out + bias_out
         return out
 
-    def compute_output_spec(self, inputs, grouped=False, group_experts=None):
+    def compute_output_spec(
+        self, inputs, grouped=False, group_experts=None, group_weights=None
+    ):
         shape = tuple(inputs.shape[:-1])
         shape += (self.units,) if grouped else (self.num_experts, self.units)
         return keras.KerasTensor(shape, dtype=self.compute_dtype)

@@ -411,13 +411,31 @@ class MoE(keras.layers.Layer):
             indices, self.num_experts, capacity, valid
         )
         buffers = dispatch_lib.dispatch(x, plan)  # [groups, size, features]
-        outputs = self.experts(
-            buffers, grouped=True, group_experts=plan.group_expert
-        )  # [groups, size, units]
         metrics_lib.update_if_tracked(
             self.dropped_fraction, plan.dropped / ops.maximum(plan.routed, 1.0)
         )
+        if self._experts_scale_rows(weights):
+            # The experts weight their own hidden activations: the combine
+            # is then a plain gather-sum, and the step keeps no slot-sized
+            # product of outputs for the gate weights' gradient.
+            outputs = self.experts(
+                buffers,
+                grouped=True,
+                group_experts=plan.group_expert,
+                group_weights=dispatch_lib.slot_weights(weights, plan),
+            )
+            return dispatch_lib.combine(outputs, None, plan)
+        outputs = self.experts(
+            buffers, grouped=True, group_experts=plan.group_expert
+        )  # [groups, size, units]
         return dispatch_lib.combine(outputs, weights, plan)
+
+    def _experts_scale_rows(self, weights):
+        return (
+            isinstance(self.experts, DenseExperts)
+            and self.experts.hidden_units is not None
+            and len(weights.shape) == 2
+        )
 
     # --- expert choice: each expert picks its tokens -----------------------
 

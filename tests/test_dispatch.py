@@ -120,6 +120,44 @@ def test_dispatch_combine_forward_and_gradients(tokens, capacity):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tokens, capacity", [(16, 2), (16, 6), (40, None)])
+def test_slot_weights_then_gather_sum_equals_weighted_combine(tokens, capacity):
+    """Experts that scale their own rows by `slot_weights`, then a
+    weightless combine: the same function, and gradients, as combining
+    with the weights, drops included."""
+    experts, k, d, u = 4, 2, 5, 3
+    order, weights = _routing(tokens, experts, k, seed=tokens + 1)
+    rng = np.random.RandomState(3)
+    x = rng.normal(size=(tokens, d)).astype("float32")
+    kernels = rng.normal(size=(experts, d, u)).astype("float32")
+    plan = dispatch.RoutePlan(order, experts, capacity)
+
+    def expert_outputs(x, kernels):
+        buffers = dispatch.dispatch(x, plan)
+        if plan.group_expert is not None:
+            kernels = ops.take(kernels, plan.group_expert, axis=0)
+        return ops.tanh(ops.einsum("gcd,gdu->gcu", buffers, kernels))
+
+    def folded(x, weights, kernels):
+        scale = dispatch.slot_weights(weights, plan)[..., None]
+        return dispatch.combine(expert_outputs(x, kernels) * scale, None, plan)
+
+    def weighted(x, weights, kernels):
+        return dispatch.combine(expert_outputs(x, kernels), weights, plan)
+
+    np.testing.assert_allclose(
+        np.asarray(folded(x, weights, kernels)),
+        np.asarray(weighted(x, weights, kernels)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    for got, want in zip(
+        gradients(folded, x, weights, kernels),
+        gradients(weighted, x, weights, kernels),
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [5, 255, 256, 300, 1024])
 def test_exclusive_cumsum_matches_numpy(rows):
     values = np.random.RandomState(rows).randint(0, 2, size=(rows, 7))

@@ -97,6 +97,93 @@ def test_glu_input_gradients_match_finite_differences(activation):
     np.testing.assert_allclose(grad_x.ravel(), numeric, rtol=1e-3, atol=1e-4)
 
 
+def _numpy_grouped(experts, x, weights=None):
+    """float64 forward of `experts(x, grouped=True, group_weights=...)`."""
+    acts = {
+        "silu": lambda z: z / (1 + np.exp(-z)),
+        "gelu": lambda z: 0.5 * z * (1 + np.vectorize(math.erf)(z / 2**0.5)),
+        "relu": lambda z: np.maximum(z, 0),
+        "tanh": np.tanh,
+    }
+    act = acts[keras.activations.serialize(experts.activation)]
+    params = {w.path.split("/")[-1]: np.asarray(w, "float64") for w in
+              experts.weights}  # fmt: skip
+    first = "kernel" if experts.hidden_units is None else "in_kernel"
+    h = np.einsum("gtd,gdh->gth", x, params[first])
+    if experts.use_bias:
+        h = h + params[first.replace("kernel", "bias")][:, None]
+    if experts.gated:
+        gate, up = np.split(h, 2, -1)
+        h = act(gate) * up
+    else:
+        h = act(h)
+    scale = 1.0 if weights is None else weights[..., None]
+    if experts.hidden_units is None:
+        return h * scale
+    out = np.einsum("gth,ghu->gtu", h, params["out_kernel"])
+    if experts.use_bias:
+        out = out + params["out_bias"][:, None]
+    return out * scale
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(hidden_units=4, gated=True, activation="silu"),
+        dict(hidden_units=4, gated=True, activation="gelu", use_bias=False),
+        dict(hidden_units=4, activation="relu"),
+        dict(activation="tanh"),
+    ],
+)
+def test_group_weights_scale_outputs_with_exact_gradients(config):
+    # The MoE layer lets experts weight their own rows (in the hidden
+    # layer, where it is cheaper); that must equal scaling the output, and
+    # the hand-written gradients must match central differences of a
+    # float64 NumPy forward, for the inputs and the weights alike.
+    experts = DenseExperts(num_experts=2, units=3, **config)
+    rng = np.random.RandomState(1)
+    x = rng.normal(size=(2, 5, 3)).astype("float32")
+    weights = rng.uniform(0.1, 1.0, size=(2, 5)).astype("float32")
+    experts.build(x.shape)
+    for w in experts.weights:  # non-zero biases, so their scaling counts
+        w.assign(rng.normal(size=w.shape).astype("float32"))
+
+    out = experts(x, grouped=True, group_weights=weights)
+    np.testing.assert_allclose(
+        np.asarray(out),
+        _numpy_grouped(experts, x.astype("float64"), weights),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    grad_x, grad_w = gradients(
+        lambda x, w: experts(x, grouped=True, group_weights=w), x, weights
+    )
+    cotangent = np.random.RandomState(7).normal(size=out.shape)
+
+    def numeric(f, value, eps=1e-5):
+        flat = np.zeros(value.size)
+        for i in range(value.size):
+            step = np.zeros(value.size)
+            step[i] = eps
+            step = step.reshape(value.shape)
+            flat[i] = (f(value + step) - f(value - step)) / (2 * eps)
+        return flat.reshape(value.shape)
+
+    x64, w64 = x.astype("float64"), weights.astype("float64")
+    np.testing.assert_allclose(
+        grad_x,
+        numeric(lambda v: np.sum(_numpy_grouped(experts, v, w64) * cotangent), x64),
+        rtol=1e-3,
+        atol=1e-4,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        grad_w,
+        numeric(lambda v: np.sum(_numpy_grouped(experts, x64, v) * cotangent), w64),
+        rtol=1e-3,
+        atol=1e-4,
+    )  # fmt: skip
+
+
 def test_any_input_rank():
     experts = DenseExperts(num_experts=2, units=3)
     assert tuple(experts(np.zeros((2, 5, 7, 4), "float32")).shape) == (

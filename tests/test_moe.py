@@ -119,16 +119,23 @@ def _weight_gradients(layer, x):
     return gradients(fn, x, *weights)
 
 
-@pytest.mark.parametrize("capacity_factor", [2.0, None])
-def test_sparse_gradients_equal_dense_gradients(capacity_factor):
-    common = dict(
-        num_experts=4,
-        units=5,
-        top_k=2,
-        hidden_units=6,
-        gated=True,
-        activation="silu",
-    )
+@pytest.mark.parametrize(
+    "capacity_factor, experts_config",
+    [
+        (2.0, dict(hidden_units=6, gated=True, activation="silu")),
+        (None, dict(hidden_units=6, gated=True, activation="silu")),
+        # Experts that scale their hidden rows through autodiff'd GLUs and
+        # plain activations, and single-projection experts, which leave
+        # the weighting to the combine.
+        (2.0, dict(hidden_units=6, gated=True, activation="gelu")),
+        (None, dict(hidden_units=6, activation="relu")),
+        (2.0, dict(activation="tanh")),
+    ],
+)
+def test_sparse_gradients_equal_dense_gradients(
+    capacity_factor, experts_config
+):
+    common = dict(num_experts=4, units=5, top_k=2, **experts_config)
     dense = MoE(dispatch="dense", **common)
     sparse = MoE(dispatch="sparse", capacity_factor=capacity_factor, **common)
     x = _x((12, 3))
