@@ -363,6 +363,10 @@ def main(argv=None):
     print(f"command: KERAS_BACKEND={backend} python {' '.join(sys.argv)}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs")
+    # Settings that change step times without showing in the command.
+    for name in ("TF_CPU_ALLOCATOR_USE_BFC", "XLA_FLAGS"):
+        if os.environ.get(name):
+            print(f"environment: {name}={os.environ[name]}")
     for name in config_names:
         cfg = CONFIGS[name]
         # Useful FLOPs of a train step: 3x the forward's 6*T*d*k*h.

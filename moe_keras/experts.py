@@ -87,7 +87,10 @@ def _swiglu_scaled(h, weights):
         if upstream is None:
             (upstream,) = args
         activation = _silu_times(h, _sigmoid_again)
-        d_weights = ops.sum(upstream * activation, axis=-1)
+        # Summed in float32 under mixed precision: this is the router's
+        # gradient.
+        product = ops.cast(upstream * activation, "float32")
+        d_weights = ops.cast(ops.sum(product, axis=-1), weights.dtype)
         return _swiglu_grad(h, upstream, weights), d_weights
 
     return _silu_times(h) * weights[..., None], backward

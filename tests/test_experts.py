@@ -59,44 +59,6 @@ def test_grouped_call_runs_each_expert_on_its_own_tokens():
         np.testing.assert_allclose(out[e], every_expert[:, e], atol=1e-5)
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu"])
-def test_glu_input_gradients_match_finite_differences(activation):
-    # SwiGLU has a hand-written gradient, the gelu GLU goes through
-    # autodiff; both must agree with central differences of a float64
-    # NumPy forward. The input gradient carries both halves of the GLU's
-    # gradient back through the fused kernel.
-    experts = DenseExperts(
-        num_experts=2, units=3, hidden_units=4, activation=activation,
-        gated=True, use_bias=False,
-    )  # fmt: skip
-    rng = np.random.RandomState(0)
-    x = rng.normal(size=(2, 5, 3)).astype("float32")
-    experts.build(x.shape)
-    (grad_x,) = gradients(lambda x: experts(x, grouped=True), x)
-
-    kernel_in = np.asarray(experts.kernel_in, "float64")
-    kernel_out = np.asarray(experts.kernel_out, "float64")
-    cotangent = np.random.RandomState(7).normal(size=(2, 5, 3))
-
-    def gelu(z):
-        return 0.5 * z * (1 + np.vectorize(math.erf)(z / np.sqrt(2)))
-
-    def loss(x):
-        gate, up = np.split(np.einsum("gtd,gdh->gth", x, kernel_in), 2, -1)
-        act = gate / (1 + np.exp(-gate)) if activation == "silu" else gelu(gate)
-        out = np.einsum("gth,ghu->gtu", act * up, kernel_out)
-        return np.sum(out * cotangent)
-
-    eps = 1e-5
-    numeric = np.zeros(x.size)
-    for i in range(x.size):
-        step = np.zeros(x.size)
-        step[i] = eps
-        step = step.reshape(x.shape)
-        numeric[i] = (loss(x + step) - loss(x - step)) / (2 * eps)
-    np.testing.assert_allclose(grad_x.ravel(), numeric, rtol=1e-3, atol=1e-4)
-
-
 def _numpy_grouped(experts, x, weights=None):
     """float64 forward of `experts(x, grouped=True, group_weights=...)`."""
     acts = {
@@ -126,20 +88,33 @@ def _numpy_grouped(experts, x, weights=None):
     return out * scale
 
 
+def _central_differences(f, value, eps=1e-5):
+    grads = np.zeros(value.size)
+    for i in range(value.size):
+        step = np.zeros(value.size)
+        step[i] = eps
+        step = step.reshape(value.shape)
+        grads[i] = (f(value + step) - f(value - step)) / (2 * eps)
+    return grads.reshape(value.shape)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize(
     "config",
     [
         dict(hidden_units=4, gated=True, activation="silu"),
+        dict(hidden_units=4, gated=True, activation="silu", use_bias=False),
         dict(hidden_units=4, gated=True, activation="gelu", use_bias=False),
         dict(hidden_units=4, activation="relu"),
         dict(activation="tanh"),
     ],
 )
-def test_group_weights_scale_outputs_with_exact_gradients(config):
-    # The MoE layer lets experts weight their own rows (in the hidden
-    # layer, where it is cheaper); that must equal scaling the output, and
-    # the hand-written gradients must match central differences of a
-    # float64 NumPy forward, for the inputs and the weights alike.
+def test_grouped_gradients_match_finite_differences(config, scaled):
+    # SwiGLU has hand-written gradients, with and without row weights; the
+    # other activations go through autodiff. The MoE layer lets experts
+    # weight their own rows (in the hidden layer, where it is cheaper):
+    # that must equal scaling the output. Gradients for the inputs and the
+    # weights must match central differences of a float64 NumPy forward.
     experts = DenseExperts(num_experts=2, units=3, **config)
     rng = np.random.RandomState(1)
     x = rng.normal(size=(2, 5, 3)).astype("float32")
@@ -147,41 +122,43 @@ def test_group_weights_scale_outputs_with_exact_gradients(config):
     experts.build(x.shape)
     for w in experts.weights:  # non-zero biases, so their scaling counts
         w.assign(rng.normal(size=w.shape).astype("float32"))
+    x64, w64 = x.astype("float64"), weights.astype("float64")
+    if not scaled:
+        weights = w64 = None
 
     out = experts(x, grouped=True, group_weights=weights)
     np.testing.assert_allclose(
         np.asarray(out),
-        _numpy_grouped(experts, x.astype("float64"), weights),
+        _numpy_grouped(experts, x64, w64),
         rtol=1e-4,
         atol=1e-5,
     )
-    grad_x, grad_w = gradients(
-        lambda x, w: experts(x, grouped=True, group_weights=w), x, weights
-    )
     cotangent = np.random.RandomState(7).normal(size=out.shape)
-
-    def numeric(f, value, eps=1e-5):
-        flat = np.zeros(value.size)
-        for i in range(value.size):
-            step = np.zeros(value.size)
-            step[i] = eps
-            step = step.reshape(value.shape)
-            flat[i] = (f(value + step) - f(value - step)) / (2 * eps)
-        return flat.reshape(value.shape)
-
-    x64, w64 = x.astype("float64"), weights.astype("float64")
+    if scaled:
+        grad_x, grad_w = gradients(
+            lambda x, w: experts(x, grouped=True, group_weights=w),
+            x,
+            weights,
+        )
+        np.testing.assert_allclose(
+            grad_w,
+            _central_differences(
+                lambda v: np.sum(_numpy_grouped(experts, x64, v) * cotangent),
+                w64,
+            ),
+            rtol=1e-3,
+            atol=1e-4,
+        )
+    else:
+        (grad_x,) = gradients(lambda x: experts(x, grouped=True), x)
     np.testing.assert_allclose(
         grad_x,
-        numeric(lambda v: np.sum(_numpy_grouped(experts, v, w64) * cotangent), x64),
+        _central_differences(
+            lambda v: np.sum(_numpy_grouped(experts, v, w64) * cotangent), x64
+        ),
         rtol=1e-3,
         atol=1e-4,
-    )  # fmt: skip
-    np.testing.assert_allclose(
-        grad_w,
-        numeric(lambda v: np.sum(_numpy_grouped(experts, x64, v) * cotangent), w64),
-        rtol=1e-3,
-        atol=1e-4,
-    )  # fmt: skip
+    )
 
 
 def test_any_input_rank():
