@@ -149,6 +149,16 @@ class DenseExperts(keras.layers.Layer):
         `(..., num_experts, units)`, or `(num_experts, tokens, units)` with
         `grouped=True`.
 
+    Call arguments (with `grouped=True`, as the MoE layer calls it):
+        group_weights: optional `(num_experts, tokens)` weights; each
+            row's output is scaled by its weight. With `hidden_units` the
+            scaling is applied to the hidden activations, before the down
+            projection (the same function, and cheaper: the MoE layer
+            passes its gate weights here so that its combine needs none).
+        group_experts: optional `(groups,)` expert index of each group,
+            for groups that are blocks of one expert's tokens rather than
+            one group per expert (dropless dispatch).
+
     Example:
 
     >>> experts = DenseExperts(num_experts=4, units=8, hidden_units=16)
