@@ -1,7 +1,9 @@
 """Argument checks that fail early, naming the argument and what was expected."""
 
+import math
 import numbers
 
+import keras
 from keras import backend
 
 
@@ -41,9 +43,10 @@ def positive_float(value, name, allow_none=False):
         raise TypeError(
             f"`{name}` must be {expected}; received {name}={value!r}."
         )
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise ValueError(
-            f"`{name}` must be a positive number; received {name}={value}."
+            f"`{name}` must be a finite positive number; received "
+            f"{name}={value}."
         )
     return float(value)
 
@@ -53,11 +56,24 @@ def non_negative_float(value, name):
         raise TypeError(
             f"`{name}` must be a non-negative number; received {name}={value!r}."
         )
-    if not value >= 0:
+    if not (value >= 0 and math.isfinite(value)):
         raise ValueError(
-            f"`{name}` must be a non-negative number; received {name}={value}."
+            f"`{name}` must be a finite non-negative number; received "
+            f"{name}={value}."
         )
     return float(value)
+
+
+def seed(value, name="seed"):
+    """A seed is an int (or None): it is saved in the config and hashed."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"`{name}` must be an integer or None; received {name}={value!r} "
+            f"(of type {type(value).__name__})."
+        )
+    return int(value)
 
 
 def one_of(value, name, choices):
@@ -91,3 +107,10 @@ def float_input(dtype, layer_name):
             f"inputs of dtype {dtype}. Cast them (or embed integer ids with "
             "`keras.layers.Embedding`) first."
         )
+
+
+def features_spec(features):
+    """An `InputSpec` fixing the feature axis a layer was built for, so a
+    call with another width fails in Keras' input check, naming the layer,
+    rather than inside a matmul."""
+    return keras.InputSpec(min_ndim=2, axes={-1: features})

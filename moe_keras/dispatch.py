@@ -20,28 +20,56 @@ from keras import ops
 
 
 def capacity(num_tokens, top_k, num_experts, capacity_factor):
-    """Slots per expert: `ceil(capacity_factor * tokens * k / E)`.
+    """Slots per expert: `ceil(r * tokens)`, clamped to `[1, tokens]`.
 
-    `capacity_factor=None` is dropless and returns `None` (see
-    `RoutePlan`'s block layout). `C` is computed in exact integer arithmetic (so it is the same number whether
-    `tokens` is a Python int, a symbolic dimension of a JAX export, or a
-    scalar tensor of a dynamic batch in TensorFlow) and, for a known token
-    count, clamped to `[1, tokens]`; clamping changes no result, as with
-    `C >= tokens` nothing is dropped either way.
+    `r` is `capacity_factor * k / E` as the nearest fraction `p / q` with
+    `q <= 2**20` (`capacity_ratio`), so `C = ceil(capacity_factor * tokens
+    * k / E)` up to that rounding. `capacity_factor=None` is dropless and
+    returns `None` (see `RoutePlan`'s block layout).
+
+    `C` is the same number whether `tokens` is a Python int, a symbolic
+    dimension of a JAX export, or a scalar int32 tensor (an unknown batch
+    size in a TensorFlow graph, such as `fit`'s partial last batch): the
+    tensor path works in 32-bit pieces that cannot overflow for any token
+    count below `2**31`. Clamping changes no result: with `C >= tokens`
+    nothing is dropped either way, and with one token or fewer per expert
+    one slot still holds it.
     """
     if capacity_factor is None:
         return None
-    ratio = Fraction(capacity_factor * top_k / num_experts).limit_denominator(
-        1 << 20
-    )
+    ratio = capacity_ratio(capacity_factor, top_k, num_experts)
     if ops.is_tensor(num_tokens):
-        num_tokens = ops.cast(num_tokens, "int32")
-        c = -((-num_tokens * ratio.numerator) // ratio.denominator)
-        return ops.maximum(1, ops.minimum(c, num_tokens))
+        return _capacity_int32(ops.cast(num_tokens, "int32"), ratio)
     c = -((-num_tokens * ratio.numerator) // ratio.denominator)
     if isinstance(num_tokens, int):
         return max(1, min(c, num_tokens))
     return c
+
+
+def capacity_ratio(capacity_factor, top_k, num_experts):
+    """`capacity_factor * k / E` as a fraction with denominator <= 2**20."""
+    return Fraction(capacity_factor * top_k / num_experts).limit_denominator(
+        1 << 20
+    )
+
+
+def _capacity_int32(tokens, ratio):
+    """`clamp(ceil(tokens * p / q), 1, tokens)` for an int32 tensor.
+
+    `tokens * p` overflows int32 (p alone may be near 2**20), so with
+    `tokens = a q + b` and `p = p_hi 2**10 + p_lo` every product stays
+    below 2**31: `tokens p / q = a p + (b p_hi 2**10 + b p_lo) / q`. At a
+    ratio of 1 or more the answer is `tokens` (the clamp).
+    """
+    p, q = ratio.numerator, ratio.denominator
+    if p >= q:
+        return ops.maximum(tokens, 1)
+    a, b = tokens // q, tokens % q  # a * p < tokens; b < q <= 2**20
+    p_hi, p_lo = p >> 10, p & 1023
+    d1, r1 = (b * p_hi) // q, (b * p_hi) % q  # b * p_hi < 2**30
+    rest = r1 * 1024 + b * p_lo  # < 2**30 + 2**30
+    c = a * p + d1 * 1024 - ((-rest) // q)
+    return ops.maximum(1, ops.minimum(c, tokens))
 
 
 def block_size(num_assignments, num_experts):
@@ -76,10 +104,10 @@ class RoutePlan:
             (`None` in the capacity layout, where group `e` is expert `e`).
         assignment_slot: `[tokens * k]` int32, the buffer slot of each
             assignment (token-major), clamped to a valid slot when dropped.
-        kept: `[tokens * k]` float, 1 where the assignment has a slot.
+        kept: `[tokens * k]` bool, whether the assignment has a slot.
         slot_assignment: `[slots]` int32, the assignment in each slot
             (0 for an empty slot, which `slot_filled` marks).
-        slot_filled: `[slots]` float, 1 where a slot holds an assignment.
+        slot_filled: `[slots]` bool, whether a slot holds an assignment.
         expert_counts: `[E]` float, assignments each expert was chosen
             for (before dropping).
         dropped: float scalar, assignments dropped for lack of capacity.
@@ -147,33 +175,53 @@ class RoutePlan:
             (num_slots + 1,),
         )[:num_slots]
 
-        self.kept = ops.cast(keep, "float32")
+        self.kept = keep
         self.assignment_slot = ops.where(keep, slot, 0)
-        self.slot_filled = ops.cast(slot_assignment > 0, "float32")
+        self.slot_filled = slot_assignment > 0
         self.slot_assignment = ops.maximum(slot_assignment - 1, 0)
         self.expert_counts = ops.cast(counts, "float32")
         self.routed = ops.sum(ops.cast(routed, "float32"))
-        self.dropped = self.routed - ops.sum(self.kept)
+        self.dropped = self.routed - ops.sum(ops.cast(keep, "float32"))
+
+
+def _rows_or_zeros(x, index, present):
+    """`x[index]` where `present`, else a row of zeros.
+
+    Absent rows read a zero row appended past the end of `x`. Reading a
+    real row and multiplying it by 0 would not do: `0 * inf` and `0 * nan`
+    are NaN, so one non-finite row would leak into every dropped, empty or
+    masked row that happened to read it. The zero row also makes the read
+    safe on an empty `x` (a batch of zero tokens).
+    """
+    rows = ops.shape(x)[0]
+    padded = ops.pad(x, ((0, 1),) + ((0, 0),) * (len(x.shape) - 1))
+    return ops.take(padded, ops.where(present, index, rows), axis=0)
+
+
+def zero_unless(present, x):
+    """`x` where `present` (broadcast over trailing axes), else exactly 0."""
+    while len(present.shape) < len(x.shape):
+        present = ops.expand_dims(present, -1)
+    return ops.where(present, x, ops.zeros((), x.dtype))
 
 
 def dispatch(x, plan):
     """Tokens `[T, d]` -> buffers `[groups, group_size, d]` (empty slots
-    hold token 0; their outputs are never read)."""
+    hold zeros)."""
     top_k = plan.top_k
     num_tokens, features = ops.shape(x)[0], ops.shape(x)[1]
     slot_token = plan.slot_assignment // top_k
-    assignment_slot = plan.assignment_slot
-    kept = plan.kept
+    assignment_slot, kept = plan.assignment_slot, plan.kept
+    slot_filled = plan.slot_filled
 
     def forward(x):
-        buffers = ops.take(x, slot_token, axis=0)  # [E * C, d]
+        buffers = _rows_or_zeros(x, slot_token, slot_filled)  # [slots, d]
 
         def backward(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
             # Each token gathers the gradients of the slots it went to.
-            grads = ops.take(upstream, assignment_slot, axis=0)  # [T*k, d]
-            grads = grads * ops.cast(kept, grads.dtype)[:, None]
+            grads = _rows_or_zeros(upstream, assignment_slot, kept)
             return (ops.sum(ops.reshape(grads, (num_tokens, top_k, -1)), 1),)
 
         return buffers, backward
@@ -194,16 +242,14 @@ def slot_weights(weights, plan):
     shape = ops.shape(weights)
 
     def forward(weights):
-        dtype = weights.dtype
         flat = ops.reshape(weights, (-1,))
-        per_slot = ops.take(flat, slot_assignment, axis=0)
-        per_slot = per_slot * ops.cast(slot_filled, dtype)
+        per_slot = _rows_or_zeros(flat, slot_assignment, slot_filled)
 
         def backward(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            grads = ops.take(upstream, assignment_slot, axis=0)
-            return ops.reshape(grads * ops.cast(kept, dtype), shape)
+            grads = _rows_or_zeros(upstream, assignment_slot, kept)
+            return ops.reshape(grads, shape)
 
         return per_slot, backward
 
@@ -215,11 +261,11 @@ def combine(expert_outputs, weights, plan):
     """Buffers `[groups, group_size, u]` and weights -> `[T, u]`.
 
     `y_t = sum_j w_tj * out[slot(t, j)]`, dropped assignments contributing
-    0. Weights are `[T, k]`, or `[T, k, u]` for per-feature gates, or
-    `None` when the experts already scaled each slot's output by its
-    weight (`slot_weights`): then combine is a plain gather-sum, and its
-    backward one gather with no slot-sized product to keep for the weights'
-    gradient.
+    exactly 0 (whatever any slot holds). Weights are `[T, k]`, or
+    `[T, k, u]` for per-feature gates, or `None` when the experts already
+    scaled each slot's output by its weight (`slot_weights`): then combine
+    is a plain gather-sum, and its backward one gather with no slot-sized
+    product to keep for the weights' gradient.
     """
     top_k = plan.top_k
     units = ops.shape(expert_outputs)[-1]
@@ -227,19 +273,18 @@ def combine(expert_outputs, weights, plan):
     if weights is None:
         return _gather_sum(flat_outputs, plan)
     per_feature = len(weights.shape) == 3
-    assignment_slot = plan.assignment_slot
-    kept = plan.kept
+    assignment_slot, kept = plan.assignment_slot, plan.kept
     slot_token = plan.slot_assignment // top_k
-    slot_assignment = plan.slot_assignment
-    slot_filled = plan.slot_filled
+    slot_assignment, slot_filled = plan.slot_assignment, plan.slot_filled
 
     def forward(flat_outputs, weights):
-        dtype = flat_outputs.dtype
         # [T * k, 1 or u]: the weight of each assignment, 0 if dropped.
-        kept_weights = ops.reshape(weights, (ops.shape(kept)[0], -1))
-        kept_weights = kept_weights * ops.cast(kept, dtype)[:, None]
+        kept_weights = ops.reshape(
+            weights, (-1, weights.shape[-1] if per_feature else 1)
+        )
+        kept_weights = zero_unless(kept, kept_weights)
         # A gather feeding a reduction over k: XLA fuses it into one pass.
-        picked = ops.take(flat_outputs, assignment_slot, axis=0)
+        picked = _rows_or_zeros(flat_outputs, assignment_slot, kept)
         y = ops.sum(
             ops.reshape(picked, (-1, top_k, units))
             * ops.reshape(
@@ -255,16 +300,16 @@ def combine(expert_outputs, weights, plan):
             # once: d out[s] = w[a(s)] * dy[token(s)], and d w[a] =
             # <out[s], dy[token(s)]> taken per slot, then gathered back to
             # the assignments.
-            slot_dy = ops.take(upstream, slot_token, axis=0)  # [slots, u]
-            slot_weight = ops.take(kept_weights, slot_assignment, axis=0)
-            slot_weight = slot_weight * ops.cast(slot_filled, dtype)[:, None]
+            slot_dy = _rows_or_zeros(upstream, slot_token, slot_filled)
+            slot_weight = _rows_or_zeros(
+                kept_weights, slot_assignment, slot_filled
+            )
             d_outputs = slot_dy * slot_weight
             if per_feature:
                 slot_dw = slot_dy * flat_outputs
             else:
                 slot_dw = row_dot(slot_dy, flat_outputs)  # [slots, 1]
-            d_weights = ops.take(slot_dw, assignment_slot, axis=0)
-            d_weights = d_weights * ops.cast(kept, dtype)[:, None]
+            d_weights = _rows_or_zeros(slot_dw, assignment_slot, kept)
             return d_outputs, ops.reshape(
                 d_weights, (-1,) + tuple(weights.shape[1:])
             )
@@ -284,16 +329,13 @@ def _gather_sum(flat_outputs, plan):
     slot_filled = plan.slot_filled
 
     def forward(flat_outputs):
-        dtype = flat_outputs.dtype
-        picked = ops.take(flat_outputs, assignment_slot, axis=0)
-        picked = picked * ops.cast(kept, dtype)[:, None]
+        picked = _rows_or_zeros(flat_outputs, assignment_slot, kept)
         y = ops.sum(ops.reshape(picked, (-1, top_k, units)), axis=1)
 
         def backward(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            grads = ops.take(upstream, slot_token, axis=0)
-            return grads * ops.cast(slot_filled, dtype)[:, None]
+            return _rows_or_zeros(upstream, slot_token, slot_filled)
 
         return y, backward
 
@@ -314,7 +356,9 @@ def _exclusive_cumsum(values, block=128):
 
     XLA on CPU runs a long cumsum slowly; a lower-triangular matmul inside
     blocks of rows plus a short cumsum over block totals is about twice as
-    fast, and exact (float32 holds every partial count below 2**24).
+    fast. It is exact: counts inside a block stay below `block`, which
+    float32 holds, and the running count over blocks, which can pass
+    float32's 2**24, is summed as int32.
     """
     rows = ops.shape(values)[0]
     if not isinstance(rows, int) or rows < 2 * block:
@@ -329,8 +373,8 @@ def _exclusive_cumsum(values, block=128):
     strict = ops.cast(
         ops.arange(block)[:, None] > ops.arange(block)[None, :], "float32"
     )
-    within = ops.einsum("ij,njw->niw", strict, x)
-    totals = ops.sum(x, axis=1)  # [blocks, w]
+    within = ops.cast(ops.einsum("ij,njw->niw", strict, x), "int32")
+    totals = ops.cast(ops.sum(x, axis=1), "int32")  # [blocks, w]
     before = ops.cumsum(totals, axis=0) - totals
     out = ops.reshape(within + before[:, None, :], (padded, width))[:rows]
     return ops.cast(out, values.dtype)

@@ -110,7 +110,30 @@ def _scale_rows(h, weights):
 
 
 def _take(weight, indices):
-    return None if weight is None else ops.take(weight, indices, axis=0)
+    """`weight[indices]` along the experts axis, with a dense gradient.
+
+    Autodiff of a gather gives TensorFlow an `IndexedSlices` gradient with
+    one slice per block, so an expert with several blocks repeats its
+    index. Optimizers that square or normalise the gradient (Adam,
+    RMSprop, Adafactor, Lion) apply such slices one at a time instead of
+    to their sum, and move the weight by the wrong amount. The backward
+    here sums the blocks of each expert first, as one dense tensor.
+    """
+    if weight is None:
+        return None
+    num_experts = ops.shape(weight)[0]
+
+    def forward(weight):
+        def backward(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return ops.segment_sum(upstream, indices, num_segments=num_experts)
+
+        return ops.take(weight, indices, axis=0), backward
+
+    # A read of the variable, not the variable: TensorFlow's eager custom
+    # gradient would otherwise ask for the gradient of variables it reads.
+    return ops.custom_gradient(forward)(ops.copy(weight))
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
@@ -221,6 +244,7 @@ class DenseExperts(keras.layers.Layer):
 
     def build(self, input_shape):
         features = _validation.feature_dim(input_shape, self.name)
+        self.input_spec = _validation.features_spec(features)
         first_units = self.hidden_units or self.units
         # A GLU's gate and up halves live side by side in one kernel.
         width = 2 * first_units if self.gated else first_units
@@ -405,6 +429,7 @@ class ExpertList(keras.layers.Layer):
 
     def build(self, input_shape):
         features = _validation.feature_dim(input_shape, self.name)
+        self.input_spec = _validation.features_spec(features)
         widths = []
         for expert in self.expert_layers:
             if not expert.built:

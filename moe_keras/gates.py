@@ -99,7 +99,7 @@ class Gate(keras.layers.Layer):
         self.bias_update_rate = _validation.non_negative_float(
             bias_update_rate, "bias_update_rate"
         )
-        self.seed = seed
+        self.seed = _validation.seed(seed)
         # Only gates that draw random numbers carry a seed state.
         self.seed_generator = None
         if self.uses_randomness or self.jitter > 0 or self.dropout > 0:
@@ -115,6 +115,7 @@ class Gate(keras.layers.Layer):
                 "pass it to the gate or use the gate inside an `MoE` layer."
             )
         features = _validation.feature_dim(input_shape, self.name)
+        self.input_spec = _validation.features_spec(features)
         self.build_router(features)
         if self.bias_update_rate > 0:
             self.selection_bias = self.add_weight(

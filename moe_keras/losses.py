@@ -8,9 +8,14 @@ from keras import ops
 
 
 def _masked_mean(values, mask, axis=0):
-    """Mean of `values` over `axis`, counting only positions where mask=1."""
+    """Mean of `values` over `axis`, counting only positions where mask=1.
+
+    Over no positions at all (an empty batch, or all masked) it is 0, not
+    the 0 / 0 of a plain mean.
+    """
     if mask is None:
-        return ops.mean(values, axis=axis)
+        count = ops.cast(ops.shape(values)[axis], values.dtype)
+        return ops.sum(values, axis=axis) / ops.maximum(count, 1.0)
     mask = ops.cast(mask, values.dtype)
     while len(mask.shape) < len(values.shape):
         mask = ops.expand_dims(mask, -1)

@@ -44,6 +44,11 @@ class MoE(keras.layers.Layer):
     - `"auto"` picks sparse for top-k routing with `top_k < num_experts`,
       dense otherwise.
 
+    Like `Dense`, the layer keeps a non-finite input (or an overflow inside
+    an expert) in its own position's output: dropped assignments, empty
+    buffer slots and masked positions are selected away, never multiplied
+    by 0, so they come out exactly 0 whatever another token holds.
+
     While training, the layer adds the Switch load-balancing loss and the
     ST-MoE router z-loss (`moe_keras.losses`) with `add_loss`, plus any
     loss of its gate (e.g. `NoisyTopKGate`'s). The router computes in
@@ -76,12 +81,13 @@ class MoE(keras.layers.Layer):
         gate: `"softmax"`, `"sigmoid"` or a `moe_keras.Gate` instance.
         top_k: int in `[1, num_experts]`, or `None` for the dense mixture.
         dispatch: `"auto"`, `"dense"` or `"sparse"`.
-        capacity_factor: float > 0, or `None` for dropless sparse dispatch.
-            Defaults to 1.25 (Switch Transformer).
-        eval_capacity_factor: float > 0 used when not training. Defaults to
-            `None`: dropless inference, so predictions never depend on the
-            rest of the batch (expert choice and expert lists, which have
-            no dropless form, use `max(capacity_factor, 2.0)`).
+        capacity_factor: finite float > 0, or `None` for dropless sparse
+            dispatch. Defaults to 1.25 (Switch Transformer).
+        eval_capacity_factor: finite float > 0 used when not training.
+            Defaults to `None`: dropless inference, so predictions never
+            depend on the rest of the batch (expert choice and expert
+            lists, which have no dropless form, use
+            `max(capacity_factor, 2.0)`).
         load_balance_weight: float >= 0, weight of the load-balancing loss.
             Defaults to 0.01.
         z_loss_weight: float >= 0, weight of the router z-loss.
@@ -329,7 +335,8 @@ class MoE(keras.layers.Layer):
         return None
 
     def build(self, input_shape):
-        _validation.feature_dim(input_shape, self.name)
+        features = _validation.feature_dim(input_shape, self.name)
+        self.input_spec = _validation.features_spec(features)
         # Sublayers revived from a saved config arrive already built.
         for sublayer in (self.experts, self.gate, self.shared_experts):
             if sublayer is not None and not sublayer.built:
@@ -379,22 +386,22 @@ class MoE(keras.layers.Layer):
             y = self._token_choice(x, routing, valid, training)
             chosen = routing.get("indices")
         if self.shared_experts is not None:
-            shared = ops.sum(self.shared_experts(x), axis=-2)
-            if valid is not None:
-                shared = shared * ops.cast(valid, shared.dtype)[:, None]
-            y = y + shared
+            y = y + ops.sum(self.shared_experts(x), axis=-2)
+        # Experts given as layers keep their own dtype policy.
+        y = ops.cast(y, self.compute_dtype)
+        if valid is not None:
+            # A select, not a product with the mask: padding outputs 0
+            # even where its input is not finite.
+            y = dispatch_lib.zero_unless(valid, y)
         self._track_routing(routing, chosen, valid, training)
         return ops.reshape(y, tuple(shape[:-1]) + (self.units,))
 
     # --- token choice: each position picks its experts -------------------
 
     def _token_choice(self, x, routing, valid, training):
+        # Masked positions need no zero weight: the sparse plan does not
+        # route them, and `call` zeroes their output.
         weights, indices = routing["weights"], routing.get("indices")
-        if valid is not None:
-            valid_f = ops.cast(valid, weights.dtype)
-            weights = weights * ops.reshape(
-                valid_f, (-1,) + (1,) * (len(weights.shape) - 1)
-            )
         if not self.sparse:
             if indices is not None:
                 weights = dispatch_lib.scatter_weights(
@@ -444,12 +451,17 @@ class MoE(keras.layers.Layer):
         capacity = dispatch_lib.capacity(
             num_tokens, 1, self.num_experts, self._capacity_factor(training)
         )
+        if isinstance(num_tokens, int):
+            # An expert cannot pick a token out of none (an empty batch).
+            capacity = min(capacity, num_tokens)
         tokens, weights = self.gate.choose(probs, capacity, valid)  # [E, C]
         if valid is not None:
             weights = weights * ops.take(ops.cast(valid, weights.dtype), tokens)
         if self.sparse:
             buffers = ops.take(x, ops.reshape(tokens, (-1,)), axis=0)
-            buffers = ops.reshape(buffers, (self.num_experts, capacity, -1))
+            buffers = ops.reshape(
+                buffers, (self.num_experts, capacity, ops.shape(x)[-1])
+            )
             outputs = self.experts(buffers, grouped=True)  # [E, C, units]
             weighted = outputs * ops.cast(weights, outputs.dtype)[..., None]
             y = ops.segment_sum(

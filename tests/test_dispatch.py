@@ -1,5 +1,11 @@
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 from keras import ops
 
 from moe_keras import dispatch
@@ -59,6 +65,42 @@ def test_capacity_formula():
     assert dispatch.capacity(3, 2, 8, 100.0) == 3  # never more than tokens
     assert dispatch.capacity(1, 1, 64, 1.0) == 1  # never zero
     assert dispatch.capacity(40, 2, 8, None) is None  # dropless
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    data=st.data(),
+    top_k=st.integers(1, 8),
+    capacity_factor=st.one_of(
+        st.sampled_from([1.0, 1.25, 1.2345678, 0.1, 3.0, 1e-3, 1e3]),
+        st.floats(1e-4, 1e4, allow_nan=False, allow_infinity=False),
+    ),
+)
+def test_capacity_is_the_same_for_an_int_and_a_tensor_token_count(
+    data, top_k, capacity_factor
+):
+    # A tensor count is what TensorFlow sees for an unknown batch size (a
+    # partial last batch in `fit`); it must not change C, up to the largest
+    # token count whose assignments an int32 can number.
+    num_experts = data.draw(st.integers(top_k, 256), label="num_experts")
+    limit = (2**31 - 1) // top_k
+    tokens = data.draw(
+        st.one_of(st.integers(0, 64), st.integers(0, limit)), label="tokens"
+    )
+    c = dispatch.capacity(tokens, top_k, num_experts, capacity_factor)
+    as_tensor = dispatch.capacity(
+        ops.convert_to_tensor(tokens, "int32"),
+        top_k,
+        num_experts,
+        capacity_factor,
+    )
+    assert int(np.asarray(as_tensor)) == c
+    # And C is ceil(capacity_factor * tokens * k / E) clamped to
+    # [1, tokens], up to the ratio's rounding to a 2**20 denominator.
+    exact = math.ceil(Fraction(capacity_factor) * tokens * top_k / num_experts)
+    exact = max(1, min(exact, tokens))
+    bound = tokens // (1 << 20) + 1
+    assert abs(c - exact) <= bound
 
 
 def _numpy_dispatch_combine(x, order, weights, experts, capacity, expert_fn):
@@ -165,3 +207,13 @@ def test_exclusive_cumsum_matches_numpy(rows):
     expected = np.cumsum(values, axis=0) - values
     got = np.asarray(dispatch._exclusive_cumsum(values))
     np.testing.assert_array_equal(got, expected)
+
+
+def test_exclusive_cumsum_is_exact_past_float32_integers():
+    # A running count past 2**24 (float32's last exact integer): every
+    # assignment of a huge batch to one expert.
+    rows = 2**24 + 300
+    got = dispatch._exclusive_cumsum(np.ones((rows, 1), "int32"))
+    np.testing.assert_array_equal(
+        np.asarray(got[-300:, 0]), np.arange(rows - 300, rows)
+    )

@@ -5,7 +5,11 @@ import keras
 import numpy as np
 import pytest
 
+from moe_keras import DenseExperts
+from moe_keras import HashGate
 from moe_keras import MoE
+from moe_keras import NoisyTopKGate
+from moe_keras import RandomGate
 from moe_keras import SigmoidGate
 from moe_keras import SoftmaxGate
 from moe_keras import dispatch as dispatch_lib
@@ -517,6 +521,26 @@ def test_mask_propagates_through_a_model():
             ValueError,
             "load_balance_weight",
         ),
+        (
+            dict(num_experts=4, units=4, top_k=2, capacity_factor=np.inf),
+            ValueError,
+            "capacity_factor",
+        ),
+        (
+            dict(num_experts=4, units=4, top_k=2, capacity_factor=np.nan),
+            ValueError,
+            "capacity_factor",
+        ),
+        (
+            dict(num_experts=4, units=4, top_k=2, eval_capacity_factor=np.inf),
+            ValueError,
+            "eval_capacity_factor",
+        ),
+        (
+            dict(num_experts=4, units=4, z_loss_weight=np.inf),
+            ValueError,
+            "z_loss_weight",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -540,3 +564,129 @@ def test_integer_input(dtype):
         MoE(num_experts=2, units=3)(keras.Input((4,), dtype=dtype))
     with pytest.raises(TypeError, match="floating"):
         MoE(num_experts=2, units=3)(np.ones((2, 4), dtype))
+
+
+@pytest.mark.parametrize("seed", ["abc", 1.5, True])
+@pytest.mark.parametrize("gate_cls", [HashGate, RandomGate, SoftmaxGate])
+def test_bad_gate_seed_is_rejected_at_construction(gate_cls, seed):
+    with pytest.raises(TypeError, match="seed"):
+        gate_cls(seed=seed)
+
+
+def _feature_width_layers():
+    return {
+        "moe": MoE(num_experts=3, units=4, top_k=2),
+        "moe-dense": MoE(num_experts=3, units=4),
+        "experts": DenseExperts(num_experts=3, units=4, hidden_units=5),
+        "softmax-gate": SoftmaxGate(num_experts=3),
+        "sigmoid-gate": SigmoidGate(num_experts=3),
+        "noisy-gate": NoisyTopKGate(num_experts=3),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_feature_width_layers()))
+def test_other_feature_width_than_built_is_a_clear_error(name, tmp_path):
+    layer = _feature_width_layers()[name]
+    layer(_x((2, 8)))
+    with pytest.raises(ValueError, match=r"expected axis -1.*value 8"):
+        layer(_x((2, 9)))
+    # The same after a `.keras` round trip.
+    model = keras.Sequential([keras.Input((8,)), layer])
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    with pytest.raises(ValueError, match=r"expected axis -1.*value 8"):
+        reloaded.layers[0](_x((2, 9)))
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("top_k", [None, 1])
+def test_expert_list_output_follows_the_layer_policy(policy, top_k):
+    layer = MoE(
+        experts=[keras.layers.Dense(4), keras.layers.Dense(4, "relu")],
+        top_k=top_k,
+        dtype=policy,
+    )
+    x = _x((5, 3))
+    y = layer(x)
+    spec = layer.compute_output_spec(keras.KerasTensor(x.shape))
+    compute = policy.split("_")[1]
+    assert keras.backend.standardize_dtype(y.dtype) == compute
+    assert spec.dtype == compute
+    # Inside a compiled model too.
+    model = keras.Sequential([keras.Input((3,)), layer])
+    out = model.predict_on_batch(x)
+    assert keras.backend.standardize_dtype(out.dtype) == compute
+
+
+EMPTY_BATCH_LAYERS = {
+    "capacity": dict(top_k=2),
+    "dropless": dict(top_k=2, capacity_factor=None),
+    "swiglu-top1": dict(top_k=1, hidden_units=6, gated=True, activation="silu"),
+    "dense": dict(top_k=2, dispatch="dense"),
+    "shared": dict(top_k=2, num_shared_experts=1, hidden_units=6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_BATCH_LAYERS))
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(name, training):
+    layer = MoE(num_experts=4, units=5, **EMPTY_BATCH_LAYERS[name])
+    layer.build((None, 7, 3))
+    y = layer(np.zeros((0, 7, 3), "float32"), training=training)
+    assert tuple(y.shape) == (0, 7, 5)
+    # Losses of an empty batch are 0, not the 0 / 0 of a mean.
+    for loss in layer.losses:
+        assert float(loss) == 0.0
+    # Compiled, as `predict` runs it.
+    model = keras.Sequential([keras.Input((7, 3)), layer])
+    out = model.predict_on_batch(np.zeros((0, 7, 3), "float32"))
+    assert out.shape == (0, 7, 5)
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="an unknown batch size is TF graph-only"
+)
+def test_unknown_batch_size_in_a_graph_gives_eager_results():
+    import tensorflow as tf
+
+    layer = MoE(
+        num_experts=4,
+        units=3,
+        top_k=2,
+        hidden_units=4,
+        capacity_factor=1.2345678,
+    )
+    x = _x((4, 2048, 3))  # 8192 tokens: tokens * numerator overflowed int32
+    layer.build(x.shape)
+    _randomize(layer)
+    graph_call = tf.function(
+        lambda x: layer(x, training=True),
+        input_signature=[tf.TensorSpec((None, None, 3))],
+    )
+    for batch in (x, x[:3], x[:0]):
+        np.testing.assert_allclose(
+            np.asarray(graph_call(batch)),
+            np.asarray(layer(batch, training=True)),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+@pytest.mark.skipif(
+    BACKEND == "jax", reason="keras-team/keras#21639: layer metrics in JAX fit"
+)
+def test_fit_with_a_partial_last_batch_drops_what_eager_calls_drop():
+    # 200 samples in batches of 128: the last batch of 72 has an unknown
+    # size in the traced step, and 72 x 128 = 9216 tokens times the
+    # numerator of 1.2345678 * 2 / 4 overflowed int32 before.
+    layer = MoE(num_experts=4, units=2, top_k=2, capacity_factor=1.2345678)
+    model = keras.Sequential([keras.Input((128, 3)), layer])
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x, y = _x((200, 128, 3)), _x((200, 128, 2), 1)
+    model.fit(x, y, batch_size=128, epochs=1, shuffle=False, verbose=0)
+    in_fit = float(layer.dropped_fraction.result())
+    layer.dropped_fraction.reset_state()
+    for start in (0, 128):
+        layer(x[start : start + 128], training=True)
+    assert in_fit == pytest.approx(float(layer.dropped_fraction.result()))

@@ -129,6 +129,26 @@ def test_sparse_equals_dense(option):
     )
 
 
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(option, training):
+    layer = _layer(option)
+    y = layer(np.zeros((0, 6, 3), "float32"), training=training)
+    assert tuple(y.shape) == (0, 6, 4)
+    for loss in layer.losses:
+        assert float(loss) == 0.0
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_nan_sample_leaves_other_samples_finite(option):
+    layer = _layer(option)
+    x = _x((3, 6, 3))
+    x[0, 2] = np.nan
+    for training in (True, False):
+        y = np.asarray(layer(x, training=training))
+        assert np.all(np.isfinite(y[1:])), option
+
+
 # --- forward passes against NumPy -------------------------------------------
 
 
