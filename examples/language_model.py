@@ -406,10 +406,13 @@ def _schedule(args):
     )
 
 
-def train(model, args, data):
+def train(model, args, data, routing_metrics=False):
     """Trains `model` for `args.steps` steps; returns its curves, parameter
-    counts and routing statistics."""
+    counts and (with `routing_metrics`, for a model with MoE layers) its
+    routing statistics."""
     import keras
+
+    from moe_keras import RoutingMetrics
 
     x_train, y_train, x_val, y_val = data
     model.compile(
@@ -442,7 +445,7 @@ def train(model, args, data):
         shuffle=False,  # the windows are already in random order
         validation_data=(x_val, y_val),
         validation_batch_size=EVAL_BATCH_SIZE,
-        callbacks=[timer],
+        callbacks=[timer] + ([RoutingMetrics()] if routing_metrics else []),
         verbose=2 if args.verbose else 0,
     ).history
     seconds = time.perf_counter() - started
@@ -454,17 +457,13 @@ def train(model, args, data):
         )
     total, active, router = count_params(model)
     val_ce = [float(initial["ce"])] + [float(v) for v in history["val_ce"]]
-    # The MoE layers' routing metrics over the last `eval_every` steps.
-    # Only TensorFlow's `fit` carries layer metrics into its logs; JAX's
-    # logs them as zeros (see the README's known limitations).
-    routing = {}
-    if keras.backend.backend() == "tensorflow":
-        routing = {
-            key: float(values[-1])
-            for key, values in history.items()
-            if key.startswith("moe_")
-            and key.endswith(("dropped_fraction", "load_imbalance"))
-        }
+    # The MoE layers' routing statistics over the last `eval_every` steps.
+    routing = {
+        key: float(values[-1])
+        for key, values in history.items()
+        if key.startswith("moe_")
+        and key.endswith(("dropped_fraction", "load_imbalance"))
+    }
     return {
         "steps": list(range(0, args.steps + 1, args.eval_every)),
         # Mean over the `eval_every` steps before each evaluation.
@@ -644,7 +643,9 @@ def main(argv=None):
         models[name] = build_model(args, len(vocabulary), name == "moe")
         if args.verbose:
             print(f"\n== {models[name].name} ==", flush=True)
-        results[name] = train(models[name], args, data)
+        results[name] = train(
+            models[name], args, data, routing_metrics=name == "moe"
+        )
     for name, ms in time_steps(models, x_train, y_train, args).items():
         results[name]["step_ms"] = ms
 

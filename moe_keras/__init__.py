@@ -2,6 +2,7 @@
 
 from moe_keras import losses
 from moe_keras.callbacks import ExpertLoadCallback
+from moe_keras.callbacks import RoutingMetrics
 from moe_keras.experts import DenseExperts
 from moe_keras.experts import ExpertList
 from moe_keras.gates import ExpertChoiceGate
@@ -15,8 +16,8 @@ from moe_keras.gates import SigmoidGate
 from moe_keras.gates import SoftmaxGate
 from moe_keras.gates import StaticGate
 from moe_keras.gates import UniformGate
-from moe_keras.metrics import ExpertLoad
 from moe_keras.moe import MoE
+from moe_keras.statistics import RoutingStatistics
 
 __version__ = "0.1.0"
 
@@ -24,7 +25,6 @@ __all__ = [
     "DenseExperts",
     "ExpertChoiceGate",
     "ExpertList",
-    "ExpertLoad",
     "ExpertLoadCallback",
     "FeatureGate",
     "Gate",
@@ -33,6 +33,8 @@ __all__ = [
     "NoisyTopKGate",
     "RandomGate",
     "RoundRobinGate",
+    "RoutingMetrics",
+    "RoutingStatistics",
     "SigmoidGate",
     "SoftmaxGate",
     "StaticGate",

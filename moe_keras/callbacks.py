@@ -1,4 +1,4 @@
-"""A callback that records how each MoE layer spreads its load."""
+"""Callbacks that read the routing statistics of a model's MoE layers."""
 
 import keras
 import numpy as np
@@ -6,22 +6,110 @@ import numpy as np
 from moe_keras import losses
 
 
-def _moe_layers(model):
+def _moe_layers(model, caller):
     from moe_keras.moe import MoE
 
-    return [
+    layers = [
         layer for layer in model._flatten_layers() if isinstance(layer, MoE)
     ]
+    if not layers:
+        raise ValueError(f"{caller}: the model has no MoE layer.")
+    return layers
+
+
+def _tracked(layers, caller):
+    missing = [layer.name for layer in layers if layer.statistics is None]
+    if missing:
+        raise ValueError(
+            f"{caller} reads the layers' routing statistics, but "
+            f"{missing} were made with routing_statistics=False (or are "
+            "not built yet)."
+        )
+    return layers
+
+
+class RoutingMetrics(keras.callbacks.Callback):
+    """Puts each `MoE` layer's routing statistics in the epoch logs.
+
+    Without it, adding MoE layers changes nothing in what `fit`,
+    `evaluate` and `train_on_batch` return. With it, each epoch's logs
+    (the progress bar's epoch line, `History`, `CSVLogger`, TensorBoard)
+    carry, per layer, `<name>_load_imbalance` (max over mean expert load),
+    `<name>_router_entropy`, `<name>_dropped_fraction` (where a capacity
+    applies) and `<name>_load_balance_loss`, `<name>_z_loss`,
+    `<name>_aux_loss`: each the mean over the epoch's training batches,
+    read from the layers' state (no extra forward pass, no per-step cost).
+    Validation adds `val_<name>_...` for what inference computed (no
+    losses). Layers made with `log_expert_load=True` add
+    `<name>_expert_load_<i>`.
+
+    `evaluate` returns what it always returns; its routing statistics are
+    in `evaluate_logs` afterwards (and in the logs that callbacks after
+    this one see at the end of the evaluation).
+
+    Example:
+
+    ```python
+    history = model.fit(x, y, epochs=3, callbacks=[RoutingMetrics()])
+    routing = RoutingMetrics()
+    model.evaluate(x, y, callbacks=[routing])
+    routing.evaluate_logs  # {"moe_load_imbalance": ..., ...}
+    ```
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.evaluate_logs = {}
+        self._validated = False
+
+    def _layers(self):
+        return _tracked(
+            _moe_layers(self.model, "RoutingMetrics"), "RoutingMetrics"
+        )
+
+    def _results(self, phase, prefix=""):
+        logs = {}
+        for layer in self._layers():
+            result = layer.statistics.result(phase)
+            load = result.pop("expert_load")
+            for name, value in result.items():
+                logs[f"{prefix}{layer.name}_{name}"] = value
+            if layer.log_expert_load:
+                for i, value in enumerate(load):
+                    logs[f"{prefix}{layer.name}_expert_load_{i}"] = float(value)
+        return logs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._validated = False
+        for layer in self._layers():
+            layer.statistics.reset("train")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs.update(self._results("train"))
+        if self._validated:
+            logs.update(self._results("eval", prefix="val_"))
+
+    def on_test_begin(self, logs=None):
+        for layer in self._layers():
+            layer.statistics.reset("eval")
+
+    def on_test_end(self, logs=None):
+        self.evaluate_logs = self._results("eval")
+        self._validated = True
+        if logs is not None:
+            logs.update(self.evaluate_logs)
 
 
 class ExpertLoadCallback(keras.callbacks.Callback):
     """Records each `MoE` layer's per-expert load after every epoch.
 
     The load of an expert is the fraction of routing assignments it
-    received (the mean gate distribution for a dense mixture). With `data`,
-    it is measured on that fixed batch at the end of each epoch, on any
-    backend; without, it is the layer's `expert_load` metric averaged over
-    the epoch (TensorFlow only: see the README on JAX layer metrics).
+    received (the mean gate distribution for a dense mixture). Without
+    `data` it is the layer's routing statistics averaged over the epoch's
+    training batches, on any backend and with no extra forward pass; with
+    `data`, it is measured on that fixed batch at the end of each epoch.
 
     `history` maps each layer's name to a `[epochs, experts]` array.
 
@@ -44,11 +132,11 @@ class ExpertLoadCallback(keras.callbacks.Callback):
         self._probe = None
 
     def on_train_begin(self, logs=None):
-        self._layers = _moe_layers(self.model)
-        if not self._layers:
-            raise ValueError("ExpertLoadCallback: the model has no MoE layer.")
+        self._layers = _moe_layers(self.model, "ExpertLoadCallback")
         self.history = {layer.name: [] for layer in self._layers}
-        if self.data is not None:
+        if self.data is None:
+            _tracked(self._layers, "ExpertLoadCallback without `data`")
+        else:
             self._probe = keras.Model(
                 self.model.inputs, [layer.input for layer in self._layers]
             )
@@ -83,12 +171,17 @@ class ExpertLoadCallback(keras.callbacks.Callback):
             loads.append(np.asarray(keras.ops.convert_to_numpy(load)))
         return loads
 
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._probe is None:
+            for layer in self._layers:
+                layer.statistics.reset("train")
+
     def on_epoch_end(self, epoch, logs=None):
         if self._probe is not None:
             loads = self._probe_loads()
         else:
             loads = [
-                np.asarray(keras.ops.convert_to_numpy(layer.expert_load.load()))
+                layer.statistics.result("train")["expert_load"]
                 for layer in self._layers
             ]
         for layer, load in zip(self._layers, loads):

@@ -187,13 +187,17 @@ class RoutePlan:
 def _rows_or_zeros(x, index, present):
     """`x[index]` where `present`, else a row of zeros.
 
-    Absent rows read a zero row appended past the end of `x`. Reading a
-    real row and multiplying it by 0 would not do: `0 * inf` and `0 * nan`
-    are NaN, so one non-finite row would leak into every dropped, empty or
-    masked row that happened to read it. The zero row also makes the read
-    safe on an empty `x` (a batch of zero tokens).
+    Absent rows are selected away, not multiplied by 0: `0 * inf` and
+    `0 * nan` are NaN, so one non-finite row would leak into every
+    dropped, empty or masked row that happened to read it. When `x` may
+    be empty (a batch of zero tokens, or a row count only known at run
+    time), absent rows read a zero row appended past its end instead,
+    which costs a copy of `x`; with a known, non-zero row count (every
+    XLA-compiled step) the select alone does.
     """
     rows = ops.shape(x)[0]
+    if isinstance(rows, int) and rows > 0:
+        return zero_unless(present, ops.take(x, index, axis=0))
     padded = ops.pad(x, ((0, 1),) + ((0, 0),) * (len(x.shape) - 1))
     return ops.take(padded, ops.where(present, index, rows), axis=0)
 

@@ -8,7 +8,7 @@ from moe_keras import _validation
 from moe_keras import dispatch as dispatch_lib
 from moe_keras import gates as gates_lib
 from moe_keras import losses
-from moe_keras import metrics as metrics_lib
+from moe_keras import statistics as statistics_lib
 from moe_keras.experts import DenseExperts
 from moe_keras.experts import ExpertList
 
@@ -54,12 +54,13 @@ class MoE(keras.layers.Layer):
     loss of its gate (e.g. `NoisyTopKGate`'s). The router computes in
     float32 under mixed precision; the experts follow the layer's policy.
 
-    Metrics of the layer (in `fit`/`evaluate` logs on TensorFlow):
-    `<name>_dropped_fraction`, `<name>_load_imbalance` (max over mean
-    expert load), `<name>_router_entropy`, `<name>_load_balance_loss`,
-    `<name>_z_loss`, `<name>_aux_loss` (all auxiliary losses added, with
-    their weights), and `layer.expert_load` (per-expert load, see
-    `ExpertLoad`).
+    The layer keeps a record of its routing (`layer.statistics`, a
+    `RoutingStatistics`: dropped fraction, load imbalance, router entropy,
+    the auxiliary losses and each expert's load), as non-trainable
+    variables updated in `call`, like `BatchNormalization`'s moving
+    statistics. It changes nothing that `fit`, `evaluate` or
+    `train_on_batch` return; pass `moe_keras.RoutingMetrics()` as a
+    callback to see it in the logs.
 
     Args:
         num_experts: int, number of experts (may be left out with `experts`).
@@ -92,7 +93,10 @@ class MoE(keras.layers.Layer):
             Defaults to 0.01.
         z_loss_weight: float >= 0, weight of the router z-loss.
             Defaults to 0.001.
-        log_expert_load: bool, show each expert's load in `fit` logs.
+        routing_statistics: bool, keep `layer.statistics`. Defaults to
+            `True`; `False` makes no variables and costs nothing.
+        log_expert_load: bool, with `RoutingMetrics`, also log each
+            expert's load (`<name>_expert_load_<i>`).
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, kernel_constraint, bias_constraint: for the
             experts, as in `Dense`.
@@ -141,6 +145,7 @@ class MoE(keras.layers.Layer):
         eval_capacity_factor=None,
         load_balance_weight=0.01,
         z_loss_weight=0.001,
+        routing_statistics=True,
         log_expert_load=False,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
@@ -248,8 +253,9 @@ class MoE(keras.layers.Layer):
                 **expert_kwargs,
             )
 
+        self.routing_statistics = bool(routing_statistics)
         self.log_expert_load = bool(log_expert_load)
-        self._init_metrics()
+        self.statistics = None
         self.supports_masking = True
 
     def _check_routing(self):
@@ -296,22 +302,6 @@ class MoE(keras.layers.Layer):
                 "`capacity_factor` or use dispatch='dense'."
             )
 
-    def _init_metrics(self):
-        def mean(suffix):
-            return keras.metrics.Mean(name=f"{self.name}_{suffix}")
-
-        self.dropped_fraction = mean("dropped_fraction")
-        self.load_imbalance = mean("load_imbalance")
-        self.router_entropy = mean("router_entropy")
-        self.load_balance_loss = mean("load_balance_loss")
-        self.z_loss = mean("z_loss")
-        self.aux_loss = mean("aux_loss")
-        self.expert_load = metrics_lib.ExpertLoad(
-            self.num_experts,
-            log_per_expert=self.log_expert_load,
-            name=f"{self.name}_expert_load",
-        )
-
     @property
     def sparse(self):
         """Whether this layer runs the sparse (buffered) dispatch."""
@@ -352,6 +342,20 @@ class MoE(keras.layers.Layer):
                 f"The experts output {self.experts.units} features but the "
                 f"layer has units={self.units}."
             )
+        if self.routing_statistics:
+            self.statistics = statistics_lib.RoutingStatistics(
+                self, self.num_experts
+            )
+
+    # Routing statistics are a running record, like metrics, and are not
+    # saved: so `.keras` files from before they existed load unchanged,
+    # and a reloaded layer starts a fresh record. (The layer has no other
+    # variables of its own; its sublayers save theirs.)
+    def save_own_variables(self, store):
+        pass
+
+    def load_own_variables(self, store):
+        pass
 
     def call(
         self,
@@ -379,12 +383,12 @@ class MoE(keras.layers.Layer):
             routing_ids=routing_ids,
         )
         if self.gate.expert_choice:
-            y, chosen = self._expert_choice(
+            y, load, dropped = self._expert_choice(
                 x, routing["probs"], valid, training
             )
         else:
-            y = self._token_choice(x, routing, valid, training)
-            chosen = routing.get("indices")
+            y, dropped = self._token_choice(x, routing, valid, training)
+            load = self._token_load(routing, valid)
         if self.shared_experts is not None:
             y = y + ops.sum(self.shared_experts(x), axis=-2)
         # Experts given as layers keep their own dtype policy.
@@ -393,7 +397,16 @@ class MoE(keras.layers.Layer):
             # A select, not a product with the mask: padding outputs 0
             # even where its input is not finite.
             y = dispatch_lib.zero_unless(valid, y)
-        self._track_routing(routing, chosen, valid, training)
+        auxiliary = self._add_losses(routing, valid, training)
+        if self.statistics is not None:
+            self.statistics.update(
+                training,
+                load,
+                dropped_fraction=dropped,
+                load_imbalance=ops.max(load) * self.num_experts,
+                router_entropy=losses.router_entropy(routing["probs"], valid),
+                **auxiliary,
+            )
         return ops.reshape(y, tuple(shape[:-1]) + (self.units,))
 
     # --- token choice: each position picks its experts -------------------
@@ -407,7 +420,7 @@ class MoE(keras.layers.Layer):
                 weights = dispatch_lib.scatter_weights(
                     weights, indices, self.num_experts
                 )
-            return dispatch_lib.dense_combine(self.experts(x), weights)
+            return dispatch_lib.dense_combine(self.experts(x), weights), None
         capacity = dispatch_lib.capacity(
             ops.shape(x)[0],
             self.top_k,
@@ -418,9 +431,9 @@ class MoE(keras.layers.Layer):
             indices, self.num_experts, capacity, valid
         )
         buffers = dispatch_lib.dispatch(x, plan)  # [groups, size, features]
-        metrics_lib.update_if_tracked(
-            self.dropped_fraction, plan.dropped / ops.maximum(plan.routed, 1.0)
-        )
+        dropped = None
+        if capacity is not None:
+            dropped = plan.dropped / ops.maximum(plan.routed, 1.0)
         if self._experts_scale_rows(weights):
             # The experts weight their own hidden activations: the combine
             # is then a plain gather-sum, and the step keeps no slot-sized
@@ -431,11 +444,22 @@ class MoE(keras.layers.Layer):
                 group_experts=plan.group_expert,
                 group_weights=dispatch_lib.slot_weights(weights, plan),
             )
-            return dispatch_lib.combine(outputs, None, plan)
+            return dispatch_lib.combine(outputs, None, plan), dropped
         outputs = self.experts(
             buffers, grouped=True, group_experts=plan.group_expert
         )  # [groups, size, units]
-        return dispatch_lib.combine(outputs, weights, plan)
+        return dispatch_lib.combine(outputs, weights, plan), dropped
+
+    def _token_load(self, routing, valid):
+        """`[E]`: each expert's share of the assignments (of the gate
+        distribution, for the dense mixture, which assigns nothing)."""
+        if "indices" in routing:
+            return losses.assignment_fraction(
+                routing["indices"], self.num_experts, valid
+            )
+        return losses._masked_mean(
+            self.gate.balance_distribution(routing["probs"]), valid
+        )
 
     def _experts_scale_rows(self, weights):
         return (
@@ -474,9 +498,15 @@ class MoE(keras.layers.Layer):
                 tokens, weights, num_tokens
             )
             y = dispatch_lib.dense_combine(self.experts(x), dense)
-        # [T, 1]-shaped "choice" for the metrics: whether any expert took it.
+        # Each expert's real load: its share of the (unmasked) picks.
+        picked = ops.ones(ops.shape(tokens), "float32")
+        if valid is not None:
+            picked = ops.take(ops.cast(valid, "float32"), tokens)
+        per_expert = ops.sum(picked, axis=1)  # [E]
+        load = per_expert / ops.maximum(ops.sum(per_expert), 1.0)
+        # A token is dropped when no expert took it.
         taken = ops.segment_sum(
-            ops.reshape(ops.cast(weights > 0, "float32"), (-1,)),
+            ops.reshape(picked, (-1,)),
             ops.reshape(tokens, (-1,)),
             num_segments=num_tokens,
         )
@@ -486,59 +516,42 @@ class MoE(keras.layers.Layer):
             else ops.ones_like(taken)
         )
         dropped = ops.sum(ops.cast(taken <= 0, "float32") * routed)
-        metrics_lib.update_if_tracked(
-            self.dropped_fraction, dropped / ops.maximum(ops.sum(routed), 1.0)
-        )
-        return y, None
+        return y, load, dropped / ops.maximum(ops.sum(routed), 1.0)
 
-    # --- losses and metrics --------------------------------------------------
+    # --- auxiliary losses ------------------------------------------------------
 
-    def _track_routing(self, routing, indices, valid, training):
+    def _add_losses(self, routing, valid, training):
+        """Adds the auxiliary losses while training; returns them by name
+        (with their weights) for the routing statistics."""
+        if not training:
+            return {}
         probs, logits = routing["probs"], routing["logits"]
-        balance = z_loss = None
-        total = 0.0
-        if training and self.gate.learned:
+        added = {}
+        if self.gate.learned:
             if self.load_balance_weight > 0 and not self.gate.expert_choice:
-                chosen = indices
+                chosen = routing.get("indices")
                 if chosen is None:
                     # The dense mixture has no choice; its argmax stands in.
                     chosen = ops.expand_dims(ops.argmax(probs, axis=-1), -1)
-                balance = self.load_balance_weight * losses.load_balance_loss(
-                    self.gate.balance_distribution(probs),
-                    chosen,
-                    self.num_experts,
-                    mask=valid,
+                added["load_balance_loss"] = (
+                    self.load_balance_weight
+                    * losses.load_balance_loss(
+                        self.gate.balance_distribution(probs),
+                        chosen,
+                        self.num_experts,
+                        mask=valid,
+                    )
                 )
-                self.add_loss(balance)
-                total = total + balance
             if self.z_loss_weight > 0:
-                z_loss = self.z_loss_weight * losses.router_z_loss(
+                added["z_loss"] = self.z_loss_weight * losses.router_z_loss(
                     logits, mask=valid
                 )
-                self.add_loss(z_loss)
-                total = total + z_loss
-        if training:
-            for value in routing["losses"].values():
-                self.add_loss(value)
-                total = total + value
-            metrics_lib.update_if_tracked(self.aux_loss, total)
-            if balance is not None:
-                metrics_lib.update_if_tracked(self.load_balance_loss, balance)
-            if z_loss is not None:
-                metrics_lib.update_if_tracked(self.z_loss, z_loss)
-        if indices is not None:
-            load = losses.assignment_fraction(indices, self.num_experts, valid)
-        else:
-            load = losses._masked_mean(
-                self.gate.balance_distribution(probs), valid
-            )
-        metrics_lib.update_if_tracked(self.expert_load, load)
-        metrics_lib.update_if_tracked(
-            self.load_imbalance, ops.max(load) * self.num_experts
-        )
-        metrics_lib.update_if_tracked(
-            self.router_entropy, losses.router_entropy(probs, valid)
-        )
+        total = 0.0
+        for value in list(added.values()) + list(routing["losses"].values()):
+            self.add_loss(value)
+            total = total + value
+        added["aux_loss"] = total
+        return added
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
@@ -571,6 +584,7 @@ class MoE(keras.layers.Layer):
                 "eval_capacity_factor": self.eval_capacity_factor,
                 "load_balance_weight": self.load_balance_weight,
                 "z_loss_weight": self.z_loss_weight,
+                "routing_statistics": self.routing_statistics,
                 "log_expert_load": self.log_expert_load,
             }
         )

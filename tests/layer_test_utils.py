@@ -26,6 +26,7 @@ def run_layer_test(
     expected_num_trainable_weights,
     tmp_path,
     expected_num_losses=0,
+    expected_num_non_trainable_weights=0,
     check_training=True,
     check_mixed_precision=True,
     mixed_precision_output_dtype="float16",
@@ -38,7 +39,9 @@ def run_layer_test(
     assert tuple(y.shape) == tuple(expected_output_shape)
     assert keras.backend.standardize_dtype(y.dtype) == "float32"
     assert len(layer.trainable_weights) == expected_num_trainable_weights
-    assert len(layer.non_trainable_weights) == 0
+    assert (
+        len(layer.non_trainable_weights) == expected_num_non_trainable_weights
+    )
 
     # Symbolic call agrees with the eager one.
     symbolic = layer_cls(**init_kwargs)(keras.Input(input_shape[1:]))

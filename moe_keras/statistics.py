@@ -1,0 +1,121 @@
+"""Routing statistics: the record an `MoE` layer keeps of its own routing.
+
+They are kept the way `BatchNormalization` keeps its moving statistics:
+non-trainable variables of the layer, assigned in `call`. So they are
+right wherever the layer runs, in TensorFlow graphs, inside JAX's
+stateless train and test steps (which carry non-trainable variables but
+not a layer's own metrics), and on torch, and they add nothing to what
+`fit`, `evaluate` or `train_on_batch` return. `moe_keras.RoutingMetrics`
+puts them in the logs when asked for; `ExpertLoadCallback` reads the
+per-expert load.
+
+Each statistic is a running sum over batches with a count, kept apart
+for training calls and for inference calls (evaluation), so that
+validation never mixes with the training epoch it follows.
+"""
+
+import numpy as np
+from keras import ops
+
+STATISTICS = (
+    "dropped_fraction",
+    "load_imbalance",
+    "router_entropy",
+    "load_balance_loss",
+    "z_loss",
+    "aux_loss",
+)
+PHASES = ("train", "eval")
+
+
+class RoutingStatistics:
+    """Running sums of per-batch routing statistics of one layer.
+
+    Statistics (each the mean over the batches that computed it):
+        dropped_fraction: assignments dropped for lack of capacity, over
+            assignments routed (only where a capacity applies).
+        load_imbalance: max over mean expert load, 1 when balanced.
+        router_entropy: mean entropy (nats) of the router's distribution.
+        load_balance_loss, z_loss, aux_loss: the auxiliary losses the layer
+            added, with their weights (training only); `aux_loss` is their
+            sum with any loss of the gate.
+        expert_load: `[E]`, the fraction of assignments each expert took.
+
+    Args:
+        layer: the owning layer; the variables are its weights, made here
+            (call from `build`).
+        num_experts: int, E.
+    """
+
+    def __init__(self, layer, num_experts):
+        self.num_experts = num_experts
+        self._variables = {}
+
+        def state(name, shape):
+            return layer.add_weight(
+                name=name,
+                shape=shape,
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+                aggregation="mean",
+            )
+
+        for phase in PHASES:
+            self._variables[phase] = dict(
+                sums=state(f"{phase}_statistics_sum", (len(STATISTICS),)),
+                counts=state(f"{phase}_statistics_count", (len(STATISTICS),)),
+                load=state(f"{phase}_expert_load_sum", (num_experts,)),
+                batches=state(f"{phase}_batches", ()),
+            )
+
+    @property
+    def variables(self):
+        return [v for phase in PHASES for v in self._variables[phase].values()]
+
+    def update(self, training, load, **values):
+        """Adds one batch: `load` `[E]` and scalar `values` by name (those
+        left out or `None` were not computed for this batch)."""
+        state = self._variables["train" if training else "eval"]
+        present = [values.get(name) is not None for name in STATISTICS]
+        batch = ops.stack(
+            [
+                ops.cast(values[name], "float32") if here else 0.0
+                for name, here in zip(STATISTICS, present)
+            ]
+        )
+        state["sums"].assign(state["sums"] + batch)
+        state["counts"].assign(state["counts"] + np.asarray(present, "float32"))
+        state["load"].assign(state["load"] + ops.cast(load, "float32"))
+        state["batches"].assign(state["batches"] + 1.0)
+
+    def result(self, phase="train"):
+        """`{name: mean}` over the batches since the last reset, for the
+        statistics computed in that phase, and `expert_load` (`[E]` NumPy
+        array; zeros before any batch)."""
+        state = self._variables[_phase(phase)]
+        sums = np.asarray(ops.convert_to_numpy(state["sums"]))
+        counts = np.asarray(ops.convert_to_numpy(state["counts"]))
+        batches = float(ops.convert_to_numpy(state["batches"]))
+        out = {
+            name: float(total / count)
+            for name, total, count in zip(STATISTICS, sums, counts)
+            if count > 0
+        }
+        load = np.asarray(ops.convert_to_numpy(state["load"]))
+        out["expert_load"] = load / max(batches, 1.0)
+        return out
+
+    def reset(self, phase=None):
+        """Zeroes one phase's statistics, or both with `phase=None`."""
+        for name in PHASES if phase is None else (_phase(phase),):
+            for variable in self._variables[name].values():
+                variable.assign(ops.zeros(variable.shape, variable.dtype))
+
+
+def _phase(phase):
+    if phase not in PHASES:
+        raise ValueError(
+            f"`phase` must be one of {list(PHASES)}; received phase={phase!r}."
+        )
+    return phase
