@@ -20,7 +20,8 @@ them alike and the ratios hold; the table gives the median and the
 fastest step. Memory comes from a separate process per variant, so that
 its peak (max RSS, and the growth of RSS from just before the first step)
 is its own. Run with `KERAS_BACKEND=tensorflow` (steps compiled with
-`jit_compile=True`) or `KERAS_BACKEND=jax`:
+`jit_compile=True`), `KERAS_BACKEND=jax`, or `KERAS_BACKEND=torch`
+(eager, Keras' default on torch):
 
     KERAS_BACKEND=tensorflow python benchmarks/dispatch_benchmark.py
 """
@@ -166,7 +167,9 @@ def _compiled(variant, cfg):
     model.compile(
         optimizer=keras.optimizers.SGD(1e-3),
         loss="mse",
-        jit_compile=True,
+        # XLA on TensorFlow and JAX; torch runs eagerly, Keras' default
+        # there (torch.compile recompiles the routing step over and over).
+        jit_compile=keras.backend.backend() != "torch",
     )
     return model
 
@@ -314,14 +317,8 @@ def _versions():
 
     versions = {"python": platform.python_version(), "keras": keras.__version__}
     backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        versions["tensorflow"] = tf.__version__
-    else:
-        import jax
-
-        versions["jax"] = jax.__version__
+    module = {"tensorflow": "tensorflow"}.get(backend, backend)
+    versions[module] = __import__(module).__version__
     try:
         import keras_hub
 

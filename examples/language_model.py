@@ -339,11 +339,13 @@ def count_params(model):
     """`(total, active per token, router)` parameter counts.
 
     A token passes through the router and its top-k experts of each MoE
-    layer, so the other experts' weights are not active for it.
+    layer, so the other experts' weights are not active for it. Parameters
+    are the trainable weights (an MoE layer's routing statistics are
+    non-trainable state).
     """
     from moe_keras import MoE
 
-    total = active = model.count_params()
+    total = active = sum(math.prod(w.shape) for w in model.trainable_weights)
     router = 0
     for layer in model.layers:
         if isinstance(layer, MoE):

@@ -16,7 +16,31 @@ slow on CPU, atomics on GPU). Nothing of size `[tokens, experts, C]` or
 
 from fractions import Fraction
 
+from keras import backend
 from keras import ops
+
+
+def custom_gradients(training):
+    """Whether the dispatch and the experts use their hand-written
+    gradients (gathers through the inverse maps) or leave it to autodiff.
+
+    Always while training. In inference calls too, except on JAX: there
+    the closures of `ops.custom_gradient` cannot be converted for a
+    SavedModel (`model.export`), and JAX's own gradient of a gather is a
+    dense scatter-add, right if slower, should anyone take one. On
+    TensorFlow autodiff of a gather gives `IndexedSlices`, which some
+    optimizers mishandle (see `experts._take`), so the hand-written
+    gradients stay on in every call.
+    """
+    return bool(training) or backend.backend() != "jax"
+
+
+def _with_gradient(forward, use_custom, *args):
+    """`forward(*args)`, which returns `(value, backward)`, as a function
+    with that custom gradient or, without `use_custom`, with autodiff's."""
+    if use_custom:
+        return ops.custom_gradient(forward)(*args)
+    return forward(*args)[0]
 
 
 def capacity(num_tokens, top_k, num_experts, capacity_factor):
@@ -98,6 +122,9 @@ class RoutePlan:
       block belongs to one expert (`group_expert`) and nothing is dropped.
       At most `(T * k + E * (b - 1)) / b` blocks are ever needed.
 
+    `custom_gradient` (see `custom_gradients`) picks whether the
+    dispatch functions below use their hand-written gradients.
+
     Attributes:
         num_groups, group_size: the buffer layout.
         group_expert: `[num_groups]` int32, the expert of each block
@@ -114,10 +141,13 @@ class RoutePlan:
         routed: float scalar, assignments routed (masked tokens excluded).
     """
 
-    def __init__(self, indices, num_experts, capacity_, valid=None):
+    def __init__(
+        self, indices, num_experts, capacity_, valid=None, custom_gradient=True
+    ):
         num_tokens, top_k = ops.shape(indices)[0], ops.shape(indices)[1]
         self.num_experts = num_experts
         self.top_k = top_k
+        self.custom_gradient = custom_gradient
 
         # [tokens, k, experts]; masked tokens claim no expert at all.
         choice = ops.one_hot(indices, num_experts, dtype="int32")
@@ -230,7 +260,7 @@ def dispatch(x, plan):
 
         return buffers, backward
 
-    buffers = ops.custom_gradient(forward)(x)
+    buffers = _with_gradient(forward, plan.custom_gradient, x)
     return ops.reshape(buffers, (plan.num_groups, plan.group_size, features))
 
 
@@ -257,7 +287,7 @@ def slot_weights(weights, plan):
 
         return per_slot, backward
 
-    per_slot = ops.custom_gradient(forward)(weights)
+    per_slot = _with_gradient(forward, plan.custom_gradient, weights)
     return ops.reshape(per_slot, (plan.num_groups, plan.group_size))
 
 
@@ -321,7 +351,7 @@ def combine(expert_outputs, weights, plan):
         return y, backward
 
     weights = ops.cast(weights, flat_outputs.dtype)
-    return ops.custom_gradient(forward)(flat_outputs, weights)
+    return _with_gradient(forward, plan.custom_gradient, flat_outputs, weights)
 
 
 def _gather_sum(flat_outputs, plan):
@@ -343,7 +373,7 @@ def _gather_sum(flat_outputs, plan):
 
         return y, backward
 
-    return ops.custom_gradient(forward)(flat_outputs)
+    return _with_gradient(forward, plan.custom_gradient, flat_outputs)
 
 
 def row_dot(a, b):

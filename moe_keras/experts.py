@@ -109,7 +109,7 @@ def _scale_rows(h, weights):
     return h * weights[..., None], backward
 
 
-def _take(weight, indices):
+def _take(weight, indices, custom_gradient=True):
     """`weight[indices]` along the experts axis, with a dense gradient.
 
     Autodiff of a gather gives TensorFlow an `IndexedSlices` gradient with
@@ -121,6 +121,8 @@ def _take(weight, indices):
     """
     if weight is None:
         return None
+    if not custom_gradient:
+        return ops.take(weight, indices, axis=0)
     num_experts = ops.shape(weight)[0]
 
     def forward(weight):
@@ -264,24 +266,37 @@ class DenseExperts(keras.layers.Layer):
             return self.kernel, self.bias
         return self.kernel_in, self.bias_in
 
-    def _activate(self, h, row_weights=None):
+    def _activate(self, h, row_weights=None, custom_gradient=True):
         """The activation, then each row scaled by `row_weights`."""
-        if self.gated and self.activation is keras.activations.silu:
+        swiglu = self.gated and self.activation is keras.activations.silu
+        if swiglu and custom_gradient:
             if row_weights is None:
                 return _swiglu(h)
             return _swiglu_scaled(h, row_weights)
-        if self.gated:
+        if swiglu:
+            h = _silu_times(h)
+        elif self.gated:
             gate, up = ops.split(h, 2, axis=-1)
             h = self.activation(gate) * up
         else:
             h = self.activation(h)
-        return h if row_weights is None else _scale_rows(h, row_weights)
+        if row_weights is None:
+            return h
+        if custom_gradient:
+            return _scale_rows(h, row_weights)
+        return h * row_weights[..., None]
 
     def call(
-        self, inputs, grouped=False, group_experts=None, group_weights=None
+        self,
+        inputs,
+        grouped=False,
+        group_experts=None,
+        group_weights=None,
+        training=None,
     ):
+        custom = dispatch_lib.custom_gradients(training)
         if grouped:
-            return self._grouped(inputs, group_experts, group_weights)
+            return self._grouped(inputs, group_experts, group_weights, custom)
         # Every expert on every position. Flattened to plain matmuls: an
         # einsum with an ellipsis here makes TensorFlow broadcast to
         # [tokens, experts, features, hidden] before contracting.
@@ -294,7 +309,7 @@ class DenseExperts(keras.layers.Layer):
         h = ops.reshape(ops.matmul(x, stacked), (-1, self.num_experts, width))
         if bias is not None:
             h = h + bias  # [tokens, experts, width]
-        h = self._activate(h)
+        h = self._activate(h, custom_gradient=custom)
         if self.hidden_units is not None:
             h = ops.einsum("teh,ehu->teu", h, self.kernel_out)
             if self.bias_out is not None:
@@ -303,7 +318,7 @@ class DenseExperts(keras.layers.Layer):
             h, tuple(shape[:-1]) + (self.num_experts, self.units)
         )
 
-    def _grouped(self, inputs, group_experts, group_weights):
+    def _grouped(self, inputs, group_experts, group_weights, custom):
         kernel, bias = self._first_projection()
         kernel_out, bias_out = self.kernel_out, self.bias_out
         if group_weights is not None:
@@ -311,12 +326,12 @@ class DenseExperts(keras.layers.Layer):
         if group_experts is not None:
             # Each group runs the expert it belongs to.
             kernel, kernel_out = (
-                _take(kernel, group_experts),
-                _take(kernel_out, group_experts),
+                _take(kernel, group_experts, custom),
+                _take(kernel_out, group_experts, custom),
             )
             bias, bias_out = (
-                _take(bias, group_experts),
-                _take(bias_out, group_experts),
+                _take(bias, group_experts, custom),
+                _take(bias_out, group_experts, custom),
             )
         elif self.num_experts <= _UNROLL_EXPERTS:
             # A few large matmuls, one per expert, measured faster than one
@@ -331,6 +346,7 @@ class DenseExperts(keras.layers.Layer):
                         None if kernel_out is None else kernel_out[e],
                         None if bias_out is None else bias_out[e],
                         None if group_weights is None else group_weights[e],
+                        custom,
                     )
                     for e in range(self.num_experts)
                 ]
@@ -342,9 +358,19 @@ class DenseExperts(keras.layers.Layer):
             kernel_out,
             None if bias_out is None else bias_out[:, None, :],
             group_weights,
+            custom,
         )
 
-    def _mlp(self, x, kernel, bias, kernel_out, bias_out, row_weights=None):
+    def _mlp(
+        self,
+        x,
+        kernel,
+        bias,
+        kernel_out,
+        bias_out,
+        row_weights=None,
+        custom_gradient=True,
+    ):
         """One expert's `[tokens, features]`, or a batch of groups with
         leading axes on every argument. `row_weights` (`[..., tokens]`)
         scales each row's output."""
@@ -353,7 +379,7 @@ class DenseExperts(keras.layers.Layer):
             h = h + bias
         # Scaling the hidden activations, before the down projection, is
         # the same as scaling the output, and fuses into the activation.
-        h = self._activate(h, row_weights)
+        h = self._activate(h, row_weights, custom_gradient)
         if kernel_out is None:
             return h
         out = ops.matmul(h, kernel_out)
@@ -364,7 +390,12 @@ class DenseExperts(keras.layers.Layer):
         return out
 
     def compute_output_spec(
-        self, inputs, grouped=False, group_experts=None, group_weights=None
+        self,
+        inputs,
+        grouped=False,
+        group_experts=None,
+        group_weights=None,
+        training=None,
     ):
         shape = tuple(inputs.shape[:-1])
         shape += (self.units,) if grouped else (self.num_experts, self.units)

@@ -21,6 +21,31 @@ from moe_keras import _validation
 from moe_keras import losses as losses_lib
 
 
+def top_k_indices(scores, k):
+    """Indices `[T, k]` int32 of each row's k largest scores, best first,
+    the lower index first among ties (as `ops.top_k`).
+
+    Written as k rounds of argmax: the routers' k is small, and unlike
+    the `top_k` op this lowers to plain reductions on every backend, so a
+    model exported from JAX (a StableHLO `top_k` that TensorFlow 2.21
+    cannot load) serves in TensorFlow.
+    """
+    num = ops.shape(scores)[-1]
+    columns = ops.arange(num, dtype="int32")
+    picked = []
+    for _ in range(k):
+        index = ops.cast(ops.argmax(scores, axis=-1), "int32")  # [T]
+        picked.append(index)
+        # Out of the running: -inf, and NaN rows stay NaN (their argmax
+        # is some valid index either way).
+        scores = ops.where(
+            columns[None, :] == index[:, None],
+            ops.cast(float("-inf"), scores.dtype),
+            scores,
+        )
+    return ops.stack(picked, axis=-1)
+
+
 def _rate(value, name):
     value = _validation.non_negative_float(value, name)
     if value >= 1.0:
@@ -174,8 +199,7 @@ class Gate(keras.layers.Layer):
         scores = probs
         if self.selection_bias is not None:
             scores = probs + self.selection_bias
-        _, indices = ops.top_k(scores, top_k)
-        indices = ops.cast(indices, "int32")
+        indices = top_k_indices(scores, top_k)
         weights = ops.take_along_axis(probs, indices, axis=-1)
         # At k=1 renormalising would make every weight 1 and cut the
         # router off from the task's gradient (Switch keeps p at k=1).
@@ -553,8 +577,7 @@ class RandomGate(_FixedGate):
         scores = keras.random.uniform(
             (ops.shape(x)[0], self.num_experts), seed=self.seed_generator
         )
-        _, indices = ops.top_k(scores, top_k)
-        return ops.cast(indices, "int32")
+        return top_k_indices(scores, top_k)
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")

@@ -120,11 +120,15 @@ def noisy_load_loss(clean_logits, noisy_logits, noise_std, top_k, mask=None):
         top_k: int k, smaller than the number of experts.
         mask: optional `[tokens]`.
     """
+    clean_logits, noisy_logits, noise_std = (
+        ops.convert_to_tensor(v)
+        for v in (clean_logits, noisy_logits, noise_std)
+    )
     top_values, _ = ops.top_k(noisy_logits, top_k + 1)
     kth, next_after = top_values[:, top_k - 1 : top_k], top_values[:, top_k:]
     # For an expert in the top-k the bar to stay is the (k+1)-th value;
     # for one outside it, the k-th.
-    in_top_k = noisy_logits >= kth
+    in_top_k = ops.greater_equal(noisy_logits, kth)
     threshold = ops.where(in_top_k, next_after, kth)
     z = (clean_logits - threshold) / noise_std
     prob = 0.5 * (1.0 + ops.erf(z / 1.4142135623730951))

@@ -428,7 +428,11 @@ class MoE(keras.layers.Layer):
             self._capacity_factor(training),
         )
         plan = dispatch_lib.RoutePlan(
-            indices, self.num_experts, capacity, valid
+            indices,
+            self.num_experts,
+            capacity,
+            valid,
+            custom_gradient=dispatch_lib.custom_gradients(training),
         )
         buffers = dispatch_lib.dispatch(x, plan)  # [groups, size, features]
         dropped = None
@@ -475,9 +479,10 @@ class MoE(keras.layers.Layer):
         capacity = dispatch_lib.capacity(
             num_tokens, 1, self.num_experts, self._capacity_factor(training)
         )
-        if isinstance(num_tokens, int):
-            # An expert cannot pick a token out of none (an empty batch).
-            capacity = min(capacity, num_tokens)
+        if isinstance(num_tokens, int) and num_tokens == 0:
+            # An empty batch: no expert picks anything.
+            empty = ops.zeros((0, self.units), self.compute_dtype)
+            return empty, ops.zeros((self.num_experts,)), 0.0
         tokens, weights = self.gate.choose(probs, capacity, valid)  # [E, C]
         if valid is not None:
             weights = weights * ops.take(ops.cast(valid, weights.dtype), tokens)

@@ -85,7 +85,9 @@ class RoutingStatistics:
             ]
         )
         state["sums"].assign(state["sums"] + batch)
-        state["counts"].assign(state["counts"] + np.asarray(present, "float32"))
+        state["counts"].assign(
+            state["counts"] + ops.convert_to_tensor(present, "float32")
+        )
         state["load"].assign(state["load"] + ops.cast(load, "float32"))
         state["batches"].assign(state["batches"] + 1.0)
 

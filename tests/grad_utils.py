@@ -29,4 +29,11 @@ def gradients(fn, *args):
 
         grads = jax.grad(scalar, argnums=tuple(range(len(args))))(*args)
         return [np.asarray(g) for g in grads]
+    if backend == "torch":
+        import torch
+
+        tensors = [torch.tensor(a, requires_grad=True) for a in args]
+        value = (fn(*tensors) * torch.tensor(cotangent)).sum()
+        grads = torch.autograd.grad(value, tensors)
+        return [g.detach().cpu().numpy() for g in grads]
     raise NotImplementedError(backend)

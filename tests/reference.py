@@ -1,5 +1,6 @@
 """Plain NumPy references of the layers, written from their weights alone."""
 
+import keras
 import numpy as np
 
 ACTIVATIONS = {
@@ -23,7 +24,10 @@ def sigmoid(z):
 def experts_forward(experts, x):
     """Every expert on every row of `x` `[T, d]` -> `[T, E, units]`."""
     act = ACTIVATIONS[experts.get_config()["activation"]]
-    weights = {v.path.split("/")[-1]: np.asarray(v) for v in experts.weights}
+    weights = {
+        v.path.split("/")[-1]: keras.ops.convert_to_numpy(v)
+        for v in experts.weights
+    }
     outs = []
     for e in range(experts.num_experts):
         if experts.hidden_units is None:
@@ -47,9 +51,9 @@ def experts_forward(experts, x):
 
 def gate_forward(gate, x):
     """Returns `(probs, logits)` of a gate on `x` `[T, d]`."""
-    logits = x @ np.asarray(gate.kernel)
+    logits = x @ keras.ops.convert_to_numpy(gate.kernel)
     if gate.bias is not None:
-        logits = logits + np.asarray(gate.bias)
+        logits = logits + keras.ops.convert_to_numpy(gate.bias)
     name = type(gate).__name__
     probs = softmax(logits) if name == "SoftmaxGate" else sigmoid(logits)
     return probs, logits

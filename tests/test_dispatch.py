@@ -1,6 +1,7 @@
 import math
 from fractions import Fraction
 
+import keras
 import numpy as np
 import pytest
 from hypothesis import given
@@ -37,7 +38,7 @@ def test_plan_keeps_what_fits_first_choices_first(
     plan = dispatch.RoutePlan(order, experts, capacity, valid)
     expected = reference.capacity_keep(order, experts, capacity, valid)
     np.testing.assert_array_equal(
-        np.asarray(plan.kept).reshape(tokens, k), expected
+        keras.ops.convert_to_numpy(plan.kept).reshape(tokens, k), expected
     )
     routed = (valid.sum() if masked else tokens) * k
     assert float(plan.routed) == routed
@@ -50,11 +51,11 @@ def test_dropless_blocks_hold_every_assignment_with_bounded_padding():
     plan = dispatch.RoutePlan(order, experts, None)
     size = plan.group_size
     assert plan.num_groups * size <= tokens * k + experts * (size - 1)
-    assert float(np.asarray(plan.kept).sum()) == tokens * k
-    slots = np.asarray(plan.assignment_slot)
+    assert float(keras.ops.convert_to_numpy(plan.kept).sum()) == tokens * k
+    slots = keras.ops.convert_to_numpy(plan.assignment_slot)
     assert len(np.unique(slots)) == tokens * k  # one slot each
     # Every assignment sits in a block of the expert it chose.
-    group_expert = np.asarray(plan.group_expert)
+    group_expert = keras.ops.convert_to_numpy(plan.group_expert)
     np.testing.assert_array_equal(group_expert[slots // size], order.ravel())
 
 
@@ -94,7 +95,7 @@ def test_capacity_is_the_same_for_an_int_and_a_tensor_token_count(
         num_experts,
         capacity_factor,
     )
-    assert int(np.asarray(as_tensor)) == c
+    assert int(keras.ops.convert_to_numpy(as_tensor)) == c
     # And C is ceil(capacity_factor * tokens * k / E) clamped to
     # [1, tokens], up to the ratio's rounding to a 2**20 denominator.
     exact = math.ceil(Fraction(capacity_factor) * tokens * top_k / num_experts)
@@ -142,7 +143,10 @@ def test_dispatch_combine_forward_and_gradients(tokens, capacity):
         x, order, weights, experts, capacity, lambda v, e: v @ kernels[e]
     )
     np.testing.assert_allclose(
-        np.asarray(sparse(x, weights, kernels)), expected, rtol=1e-5, atol=1e-5
+        keras.ops.convert_to_numpy(sparse(x, weights, kernels)),
+        expected,
+        rtol=1e-5,
+        atol=1e-5,
     )
 
     # The hand-written gradients equal autodiff through a dense, masked
@@ -152,7 +156,8 @@ def test_dispatch_combine_forward_and_gradients(tokens, capacity):
 
     def dense(x, weights, kernels):
         every = ops.einsum("td,edu->teu", x, kernels)
-        combine = ops.einsum("tk,tke->te", weights * keep, onehot)
+        kept = ops.multiply(weights, keep)
+        combine = ops.einsum("tk,tke->te", kept, onehot)
         return ops.einsum("te,teu->tu", combine, every)
 
     for got, want in zip(
@@ -188,8 +193,8 @@ def test_slot_weights_then_gather_sum_equals_weighted_combine(tokens, capacity):
         return dispatch.combine(expert_outputs(x, kernels), weights, plan)
 
     np.testing.assert_allclose(
-        np.asarray(folded(x, weights, kernels)),
-        np.asarray(weighted(x, weights, kernels)),
+        keras.ops.convert_to_numpy(folded(x, weights, kernels)),
+        keras.ops.convert_to_numpy(weighted(x, weights, kernels)),
         rtol=1e-5,
         atol=1e-6,
     )
@@ -205,7 +210,7 @@ def test_exclusive_cumsum_matches_numpy(rows):
     values = np.random.RandomState(rows).randint(0, 2, size=(rows, 7))
     values = values.astype("int32")
     expected = np.cumsum(values, axis=0) - values
-    got = np.asarray(dispatch._exclusive_cumsum(values))
+    got = keras.ops.convert_to_numpy(dispatch._exclusive_cumsum(values))
     np.testing.assert_array_equal(got, expected)
 
 
@@ -215,5 +220,5 @@ def test_exclusive_cumsum_is_exact_past_float32_integers():
     rows = 2**24 + 300
     got = dispatch._exclusive_cumsum(np.ones((rows, 1), "int32"))
     np.testing.assert_array_equal(
-        np.asarray(got[-300:, 0]), np.arange(rows - 300, rows)
+        keras.ops.convert_to_numpy(got[-300:, 0]), np.arange(rows - 300, rows)
     )

@@ -42,7 +42,7 @@ def test_matches_numpy_reference(config):
     for w in experts.weights:
         w.assign(np.random.normal(size=w.shape).astype("float32"))
     np.testing.assert_allclose(
-        np.asarray(experts(x)),
+        keras.ops.convert_to_numpy(experts(x)),
         reference.experts_forward(experts, x),
         rtol=1e-5,
         atol=1e-5,
@@ -52,10 +52,12 @@ def test_matches_numpy_reference(config):
 def test_grouped_call_runs_each_expert_on_its_own_tokens():
     experts = DenseExperts(num_experts=3, units=5, hidden_units=7, gated=True)
     grouped = np.random.normal(size=(3, 6, 4)).astype("float32")
-    out = np.asarray(experts(grouped, grouped=True))
+    out = keras.ops.convert_to_numpy(experts(grouped, grouped=True))
     assert out.shape == (3, 6, 5)
     for e in range(3):
-        every_expert = np.asarray(experts(grouped[e]))  # [6, E, 5]
+        every_expert = keras.ops.convert_to_numpy(
+            experts(grouped[e])
+        )  # [6, E, 5]
         np.testing.assert_allclose(out[e], every_expert[:, e], atol=1e-5)
 
 
@@ -68,7 +70,7 @@ def _numpy_grouped(experts, x, weights=None):
         "tanh": np.tanh,
     }
     act = acts[keras.activations.serialize(experts.activation)]
-    params = {w.path.split("/")[-1]: np.asarray(w, "float64") for w in
+    params = {w.path.split("/")[-1]: keras.ops.convert_to_numpy(w).astype("float64") for w in
               experts.weights}  # fmt: skip
     first = "kernel" if experts.hidden_units is None else "in_kernel"
     h = np.einsum("gtd,gdh->gth", x, params[first])
@@ -128,7 +130,7 @@ def test_grouped_gradients_match_finite_differences(config, scaled):
 
     out = experts(x, grouped=True, group_weights=weights)
     np.testing.assert_allclose(
-        np.asarray(out),
+        keras.ops.convert_to_numpy(out),
         _numpy_grouped(experts, x64, w64),
         rtol=1e-4,
         atol=1e-5,
@@ -179,7 +181,7 @@ def test_experts_are_initialised_like_dense_layers():
         num_experts=16, units=64, kernel_initializer="glorot_uniform"
     )
     experts.build((None, 64))
-    kernel = np.asarray(experts.kernel)
+    kernel = keras.ops.convert_to_numpy(experts.kernel)
     limit = np.sqrt(6.0 / (64 + 64))
     assert kernel.max() <= limit and kernel.max() > 0.9 * limit
     assert not np.allclose(kernel[0], kernel[1])
@@ -192,7 +194,7 @@ def test_seeded_initializer_keeps_experts_distinct():
         kernel_initializer=keras.initializers.GlorotUniform(seed=3),
     )
     experts.build((None, 8))
-    kernel = np.asarray(experts.kernel)
+    kernel = keras.ops.convert_to_numpy(experts.kernel)
     assert not np.allclose(kernel[0], kernel[1])
 
 

@@ -32,14 +32,16 @@ def test_matches_numpy_reference(gate_cls):
     routing = gate(x, routing=True)
     probs, logits = routing["probs"], routing["logits"]
     np.testing.assert_allclose(
-        np.asarray(gate(x)), np.asarray(probs), rtol=1e-6
+        keras.ops.convert_to_numpy(gate(x)),
+        keras.ops.convert_to_numpy(probs),
+        rtol=1e-6,
     )
     ref_probs, ref_logits = reference.gate_forward(gate, x)
     np.testing.assert_allclose(
-        np.asarray(logits), ref_logits, rtol=1e-5, atol=1e-6
+        keras.ops.convert_to_numpy(logits), ref_logits, rtol=1e-5, atol=1e-6
     )
     np.testing.assert_allclose(
-        np.asarray(probs), ref_probs, rtol=1e-5, atol=1e-6
+        keras.ops.convert_to_numpy(probs), ref_probs, rtol=1e-5, atol=1e-6
     )
 
 
@@ -53,11 +55,13 @@ def test_select_top_k(gate_cls, normalize):
     weights, indices = gate.select(probs, 3)
     ref, order = reference.top_k_weights(probs, 3, normalize)
     np.testing.assert_array_equal(
-        np.sort(np.asarray(indices), -1), np.sort(order, -1)
+        np.sort(keras.ops.convert_to_numpy(indices), -1), np.sort(order, -1)
     )
     rows = np.arange(9)[:, None]
     np.testing.assert_allclose(
-        np.asarray(weights), ref[rows, np.asarray(indices)], rtol=1e-6
+        keras.ops.convert_to_numpy(weights),
+        ref[rows, keras.ops.convert_to_numpy(indices)],
+        rtol=1e-6,
     )
 
 

@@ -15,10 +15,11 @@ from moe_keras import SigmoidGate
 from moe_keras import SoftmaxGate
 from moe_keras import dispatch as dispatch_lib
 from tests import reference
+from tests.backend_marks import BACKEND
+from tests.backend_marks import NO_EXPORT
+from tests.backend_marks import NO_JIT
 from tests.grad_utils import gradients
 from tests.layer_test_utils import run_layer_test
-
-BACKEND = keras.backend.backend()
 
 EXPERT_FORMS = [
     dict(),
@@ -82,7 +83,7 @@ def test_forward_matches_numpy_reference(gate, top_k, form):
     layer.build(x.shape)
     _randomize(layer)
     np.testing.assert_allclose(
-        np.asarray(layer(x)),
+        keras.ops.convert_to_numpy(layer(x)),
         reference.moe_forward(layer, x),
         rtol=1e-4,
         atol=1e-4,
@@ -108,19 +109,22 @@ def test_sparse_equals_dense_when_nothing_is_dropped(
     sparse.set_weights(dense.get_weights())
     for training in (False, True):
         np.testing.assert_allclose(
-            np.asarray(sparse(x, training=training)),
-            np.asarray(dense(x, training=training)),
+            keras.ops.convert_to_numpy(sparse(x, training=training)),
+            keras.ops.convert_to_numpy(dense(x, training=training)),
             rtol=1e-5,
             atol=1e-5,
         )
 
 
-def _weight_gradients(layer, x):
-    weights = [np.asarray(w) for w in layer.trainable_weights]
+def _weight_gradients(layer, x, training=None):
+    weights = [keras.ops.convert_to_numpy(w) for w in layer.trainable_weights]
 
     def fn(x, *values):
         outputs, _ = layer.stateless_call(
-            list(values), [v.value for v in layer.non_trainable_variables], x
+            list(values),
+            [v.value for v in layer.non_trainable_variables],
+            x,
+            training=training,
         )
         return outputs
 
@@ -140,19 +144,28 @@ def _weight_gradients(layer, x):
         (2.0, dict(activation="tanh")),
     ],
 )
+@pytest.mark.parametrize("training", [True, None])
 def test_sparse_gradients_equal_dense_gradients(
-    capacity_factor, experts_config
+    capacity_factor, experts_config, training
 ):
+    # Training takes the hand-written gradients; an inference call on JAX
+    # leaves them to autodiff (see `dispatch.custom_gradients`).
     common = dict(num_experts=4, units=5, top_k=2, **experts_config)
     dense = MoE(dispatch="dense", **common)
-    sparse = MoE(dispatch="sparse", capacity_factor=capacity_factor, **common)
+    sparse = MoE(
+        dispatch="sparse",
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        **common,
+    )
     x = _x((12, 3))
     dense.build(x.shape)
     sparse.build(x.shape)
     _randomize(dense)
     sparse.set_weights(dense.get_weights())
     for got, want in zip(
-        _weight_gradients(sparse, x), _weight_gradients(dense, x)
+        _weight_gradients(sparse, x, training),
+        _weight_gradients(dense, x, training),
     ):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -167,11 +180,14 @@ def test_sparse_drops_what_exceeds_capacity():
     capacity = dispatch_lib.capacity(32, 2, 4, 0.5)
     expected = reference.moe_forward(layer, x, capacity=capacity)
     np.testing.assert_allclose(
-        np.asarray(layer(x, training=True)), expected, rtol=1e-4, atol=1e-4
+        keras.ops.convert_to_numpy(layer(x, training=True)),
+        expected,
+        rtol=1e-4,
+        atol=1e-4,
     )
     # Inference is dropless by default: the reference without capacity.
     np.testing.assert_allclose(
-        np.asarray(layer(x)),
+        keras.ops.convert_to_numpy(layer(x)),
         reference.moe_forward(layer, x),
         rtol=1e-4,
         atol=1e-4,
@@ -218,9 +234,9 @@ def test_any_input_rank_routes_per_position(rank_shape, dispatch):
         num_experts=3, units=4, top_k=2, dispatch=dispatch, capacity_factor=2.0
     )
     x = _x(rank_shape)
-    y = np.asarray(layer(x))
+    y = keras.ops.convert_to_numpy(layer(x))
     assert y.shape == rank_shape[:-1] + (4,)
-    flat = np.asarray(layer(x.reshape(-1, 3)))
+    flat = keras.ops.convert_to_numpy(layer(x.reshape(-1, 3)))
     np.testing.assert_allclose(y.reshape(-1, 4), flat, rtol=1e-5, atol=1e-6)
 
 
@@ -277,15 +293,8 @@ def test_loss_weights_of_zero_add_no_loss():
 
 def _functional_model(**kwargs):
     inputs = keras.Input((5, 3))
-    x = MoE(
-        num_experts=4,
-        units=6,
-        top_k=2,
-        hidden_units=8,
-        gated=True,
-        activation="silu",
-        **kwargs,
-    )(inputs)
+    options = dict(top_k=2, hidden_units=8, gated=True, activation="silu")
+    x = MoE(num_experts=4, units=6, **{**options, **kwargs})(inputs)
     outputs = MoE(num_experts=3, units=2, gate="sigmoid")(x)
     return keras.Model(inputs, outputs)
 
@@ -333,35 +342,40 @@ def test_keras_file_round_trip(tmp_path):
     reloaded.fit(x, _x((4, 5, 2), 1), epochs=1, verbose=0)
 
 
-@pytest.mark.skipif(
-    BACKEND == "jax",
-    reason="jax.lax.top_k lowers to a StableHLO composite that TensorFlow "
-    "2.21's XlaCallModule cannot deserialize (a JAX/TF version mismatch)",
+@NO_EXPORT
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(eval_capacity_factor=1.0),
+        dict(dispatch="dense"),
+        dict(gate="sigmoid", top_k=1, num_shared_experts=1),
+    ],
+    ids=["dropless", "capacity", "dense", "sigmoid-shared"],
 )
-def test_saved_model_export_serves_the_same_numbers(tmp_path):
+def test_saved_model_export_serves_the_same_numbers(kwargs, tmp_path):
+    # From either backend: TensorFlow loads the SavedModel and serves it
+    # at batch sizes other than any the model has seen.
     import tensorflow as tf
 
-    model = _functional_model()
-    x = _x((3, 5, 3))
-    expected = model.predict(x, verbose=0)
+    model = _functional_model(**kwargs)
     path = os.path.join(tmp_path, "exported")
     model.export(path, format="tf_saved_model", verbose=False)
     served_model = tf.saved_model.load(path)
-    served = served_model.serve(tf.constant(x))
-    np.testing.assert_allclose(
-        np.asarray(served), expected, rtol=1e-5, atol=1e-6
-    )
-    # Another batch size than the one traced.
-    x2 = _x((7, 5, 3), 4)
-    served2 = served_model.serve(tf.constant(x2))
-    np.testing.assert_allclose(
-        np.asarray(served2), model.predict(x2, verbose=0), rtol=1e-5, atol=1e-6
-    )
+    for batch in (1, 7, 64):
+        x = _x((batch, 5, 3), batch)
+        served = served_model.serve(tf.constant(x))
+        # One batch, as served (a capacity depends on the batch).
+        expected = model.predict(x, batch_size=batch, verbose=0)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(served), expected, rtol=1e-5, atol=1e-6
+        )
 
 
 # --- compilation and precision -------------------------------------------------
 
 
+@NO_JIT
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -404,15 +418,17 @@ def test_mixed_precision(policy, dispatch, activation):
     )
     model = keras.Sequential([keras.Input((3,)), layer])
     model.compile("adam", "mse")
-    router = np.asarray(layer.gate.kernel)
+    router = keras.ops.convert_to_numpy(layer.gate.kernel)
     # Several steps: float16's loss scaling skips the first updates while
     # it finds its scale.
     model.fit(_x((16, 3)), _x((16, 3), 1), epochs=2, batch_size=2, verbose=0)
     # The router trains (its gradient comes back through the experts'
     # weighting) and every weight stays finite.
-    assert not np.allclose(np.asarray(layer.gate.kernel), router)
+    assert not np.allclose(
+        keras.ops.convert_to_numpy(layer.gate.kernel), router
+    )
     for weight in layer.weights:
-        assert np.all(np.isfinite(np.asarray(weight)))
+        assert np.all(np.isfinite(keras.ops.convert_to_numpy(weight)))
 
 
 # --- masks ---------------------------------------------------------------------
@@ -426,7 +442,7 @@ def test_masked_positions(dispatch):
     x = _x((2, 8, 3))
     mask = np.ones((2, 8), bool)
     mask[:, 5:] = False
-    y = np.asarray(layer(x, mask=mask, training=True))
+    y = keras.ops.convert_to_numpy(layer(x, mask=mask, training=True))
     assert np.all(y[~mask] == 0)
     # The real positions come out as if the padding were not there at all.
     valid = mask.reshape(-1)
@@ -672,8 +688,8 @@ def test_unknown_batch_size_in_a_graph_gives_eager_results():
     )
     for batch in (x, x[:3], x[:0]):
         np.testing.assert_allclose(
-            np.asarray(graph_call(batch)),
-            np.asarray(layer(batch, training=True)),
+            keras.ops.convert_to_numpy(graph_call(batch)),
+            keras.ops.convert_to_numpy(layer(batch, training=True)),
             rtol=1e-5,
             atol=1e-6,
         )

@@ -58,11 +58,11 @@ def test_bad_token_stays_in_its_own_output(bad, name, training):
     if bad == "overflow":
         # Large expert weights: a finite 1e38 overflows inside the expert.
         for weight in layer.experts.weights:
-            weight.assign(np.asarray(weight) * 100.0)
-    clean = np.asarray(layer(x, mask=mask, training=training))
+            weight.assign(keras.ops.convert_to_numpy(weight) * 100.0)
+    clean = keras.ops.convert_to_numpy(layer(x, mask=mask, training=training))
     x_bad = x.copy()
     x_bad[0, 0, :] = BAD_VALUES[bad]
-    y = np.asarray(layer(x_bad, mask=mask, training=training))
+    y = keras.ops.convert_to_numpy(layer(x_bad, mask=mask, training=training))
     # The bad token's own output is not finite (the check below has teeth).
     assert not np.all(np.isfinite(y[0, 0]))
 
@@ -99,5 +99,5 @@ def test_nan_sample_leaves_other_predictions_of_a_masked_model_alone():
     assert np.all(np.isnan(poisoned[0]))
     np.testing.assert_allclose(poisoned[1:], clean[1:], rtol=1e-5, atol=1e-6)
     # Training-mode outputs (capacity 1.25, tokens may be dropped) too.
-    train_out = np.asarray(model(data, training=True))
+    train_out = keras.ops.convert_to_numpy(model(data, training=True))
     assert np.all(np.isfinite(train_out[1:]))
