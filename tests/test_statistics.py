@@ -1,6 +1,8 @@
 """Routing statistics: layer state that changes nothing users get back
 unless they ask (`RoutingMetrics`), and that is right on every backend."""
 
+import pathlib
+
 import keras
 import numpy as np
 import pytest
@@ -209,3 +211,20 @@ def test_statistics_are_not_saved(tmp_path):
     assert reloaded.layers[0].statistics.result("train") == {
         "expert_load": pytest.approx(np.zeros(4))
     }
+
+
+def test_files_saved_before_the_statistics_load_unchanged():
+    # Saved by moe_keras at f42e2fc (when the layer kept Keras metrics and
+    # had no variables of its own): two MoE layers, trained a step.
+    data = pathlib.Path(__file__).parent / "data"
+    model = keras.saving.load_model(data / "saved_before_statistics.keras")
+    x = np.random.RandomState(0).randn(8, 5, 3).astype("float32")
+    expected = np.load(data / "saved_before_statistics_predictions.npy")
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), expected, rtol=1e-6, atol=1e-6
+    )
+    # It keeps training, with a fresh record of its routing.
+    history = model.fit(
+        x, _x((8, 5, 2)), verbose=0, callbacks=[RoutingMetrics()]
+    )
+    assert "moe_a_load_imbalance" in history.history
