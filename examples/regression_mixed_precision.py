@@ -9,10 +9,10 @@ does), and the output layer is forced to float32 so the loss is computed
 in full precision. The global policy is set for the run and restored
 afterwards.
 
-"Per-feature gates" here means `gate="sigmoid"`: every expert gets an
-independent gate value in (0, 1) rather than a share of a softmax. A gate
-that weights each output *feature* of each expert separately does not
-exist in `moe_keras` yet; the sigmoid gate is the closest option.
+The router is `gate="sigmoid"`: every expert gets an independent gate
+value in (0, 1) rather than a share of a softmax. (A gate that weights
+each output *feature* of each expert separately is
+`moe_keras.FeatureGate`.)
 
     python examples/regression_mixed_precision.py --epochs 10
 """
@@ -51,8 +51,7 @@ def build_model():
         units=32,
         hidden_units=32,
         activation="gelu",
-        # No per-feature gate exists yet; the sigmoid gate (one independent
-        # weight per expert) is the closest option.
+        # One independent weight in (0, 1) per expert.
         gate="sigmoid",
         name="moe",
     )(inputs)

@@ -5,12 +5,11 @@ rule over 5 classes. Two otherwise identical models are trained: one routes
 each point to its best expert (top-1, Switch style), the other to its two
 best experts (top-2, Mixtral style), with sparse capacity dispatch.
 
-Note on top-1 with the softmax gate: `SoftmaxGate` renormalises the
-selected probabilities to sum to 1, so with `top_k=1` the combine weight is
-always exactly 1 and the task loss sends no gradient to the router; the
-router then learns only from the layer's load-balancing and z-losses. The
-experts still learn, so the model learns; with `top_k=2` the router also
-learns from the task (how to weigh its two choices).
+Note on top-1 with the softmax gate: as in the Switch Transformer, the
+combine weight at `top_k=1` is the selected softmax probability itself
+(not renormalised to 1), so the task loss trains the router too, besides
+the layer's load-balancing and z-losses. With `top_k=2` the two selected
+probabilities are renormalised to sum to 1 (as in Mixtral).
 
     python examples/topk_classifier.py --epochs 8
 """
