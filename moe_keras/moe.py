@@ -388,7 +388,7 @@ class MoE(keras.layers.Layer):
             )
         else:
             y, dropped = self._token_choice(x, routing, valid, training)
-            load = self._token_load(routing, valid)
+            load = None
         if self.shared_experts is not None:
             y = y + ops.sum(self.shared_experts(x), axis=-2)
         # Experts given as layers keep their own dtype policy.
@@ -399,6 +399,8 @@ class MoE(keras.layers.Layer):
             y = dispatch_lib.zero_unless(valid, y)
         auxiliary = self._add_losses(routing, valid, training)
         if self.statistics is not None:
+            if load is None:
+                load = self._token_load(routing, valid)
             self.statistics.update(
                 training,
                 load,
