@@ -3,8 +3,6 @@
 import keras
 import numpy as np
 
-from moe_keras import losses
-
 
 def _moe_layers(model, caller):
     from moe_keras.moe import MoE
@@ -160,14 +158,7 @@ class ExpertLoadCallback(keras.callbacks.Callback):
         for layer, x in zip(self._layers, inputs):
             x = np.reshape(x, (-1, x.shape[-1])).astype("float32")
             routing = layer.gate(x, routing=True, top_k=layer.top_k)
-            if "indices" in routing:
-                load = losses.assignment_fraction(
-                    routing["indices"], layer.num_experts
-                )
-            else:
-                load = keras.ops.mean(
-                    layer.gate.balance_distribution(routing["probs"]), axis=0
-                )
+            load = layer._token_load(routing, valid=None)
             loads.append(np.asarray(keras.ops.convert_to_numpy(load)))
         return loads
 
