@@ -38,6 +38,7 @@ import time
 CONFIGS = {
     "e8k2": dict(tokens=4096, features=256, hidden=512, experts=8, top_k=2),
     "e32k4": dict(tokens=4096, features=256, hidden=128, experts=32, top_k=4),
+    "e64k8": dict(tokens=4096, features=256, hidden=64, experts=64, top_k=8),
     "gpu-e8k2": dict(
         tokens=32768, features=2048, hidden=4096, experts=8, top_k=2
     ),

@@ -10,11 +10,15 @@ combine weight at `top_k=1` is the selected softmax probability itself
 (not renormalised to 1), so the task loss trains the router too, besides
 the layer's load-balancing and z-losses. With `top_k=2` the two selected
 probabilities are renormalised to sum to 1 (as in Mixtral).
+`gate=SoftmaxGate(normalize_top_k=True)` renormalises at `top_k=1` too
+(a softmax over the selected logits, as in Shazeer et al. 2017), which
+makes every top-1 weight exactly 1.
 
     python examples/topk_classifier.py --epochs 8
 """
 
 import argparse
+import os
 
 NUM_FEATURES = 12
 NUM_CLUSTERS = 6
@@ -56,6 +60,15 @@ def build_model(top_k, num_experts=6):
     return keras.Model(inputs, outputs, name=f"top{top_k}_classifier")
 
 
+def _quiet_tensorflow_logs():
+    """Before TensorFlow starts: on a machine without an NVIDIA GPU its
+    CUDA probe logs `failed call to cuInit` as an error although nothing
+    failed, so show fatal messages only there (a `TF_CPP_MIN_LOG_LEVEL`
+    already set wins)."""
+    has_gpu = os.path.exists("/dev/nvidiactl")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if has_gpu else "3")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=8)
@@ -64,6 +77,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=2)
     args = parser.parse_args(argv)
+    _quiet_tensorflow_logs()
 
     import keras
 

@@ -217,3 +217,140 @@ class ExpertLoadCallback(keras.callbacks.Callback):
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def accuracy_score(y_true, y_pred):
+    """Accuracy of predictions `y_pred` `[N, classes]` (or `[N, 1]`
+    probabilities of the positive class) against `y_true`: integer labels
+    or one-hot rows."""
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_pred.ndim >= 2 and y_pred.shape[-1] == 1:
+        predicted = (y_pred[..., 0] > 0.5).astype("int64")
+        return float(np.mean(predicted == y_true.reshape(predicted.shape)))
+    predicted = np.argmax(y_pred, axis=-1)
+    if y_true.shape == y_pred.shape:
+        y_true = np.argmax(y_true, axis=-1)
+    return float(np.mean(predicted == y_true.reshape(predicted.shape)))
+
+
+class ExpertPerformanceCallback(keras.callbacks.Callback):
+    """Measures each expert's performance alone and weights the experts by
+    it: the classic performance-based weights `W_e = p_e / sum_j p_j`.
+
+    For every `MoE` layer whose gate is a `PerformanceGate`, and every
+    expert e of it, the model predicts `validation_data` with that layer
+    sending everything to expert e alone (its scores set to one-hot e);
+    `p_e` is `metric` of those predictions (by default accuracy). The
+    measured scores are then set on the gate, so the next epoch (and
+    `predict`, and the saved model) uses them. That costs one `predict`
+    of the validation data per expert, at the end of every epoch; call
+    `measure()` to do it once outside `fit` (after training the experts,
+    say).
+
+    If every expert of a layer scores 0, the layer keeps its scores (the
+    weights `p / sum(p)` would be undefined) and a warning is printed.
+
+    Args:
+        validation_data: `(x, y)`: inputs and targets to score on.
+        metric: `"accuracy"` (integer or one-hot labels; one output column
+            is read as the positive class's probability) or a callable
+            `metric(y_true, y_pred) -> float`, >= 0 and higher for better.
+        batch_size: int or None, for `predict`.
+
+    Attributes:
+        history: dict mapping each measured layer's name to the scores of
+            every measurement, `[measurements, experts]`.
+
+    Example:
+
+    ```python
+    moe = MoE(3, 4, gate=PerformanceGate())
+    model = keras.Sequential([keras.Input((8,)), moe, keras.layers.Softmax()])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    callback = ExpertPerformanceCallback(validation_data=(x_val, y_val))
+    model.fit(x, y, epochs=3, callbacks=[callback])
+    callback.history[moe.name][-1]  # each expert's accuracy alone
+    ```
+    """
+
+    def __init__(self, validation_data, metric="accuracy", batch_size=None):
+        super().__init__()
+        if (
+            not isinstance(validation_data, (tuple, list))
+            or len(validation_data) != 2
+        ):
+            raise ValueError(
+                "`validation_data` must be a tuple `(x, y)`; received "
+                f"validation_data of type {type(validation_data).__name__}."
+            )
+        if metric == "accuracy":
+            metric = accuracy_score
+        if not callable(metric):
+            raise TypeError(
+                "`metric` must be 'accuracy' or a callable "
+                f"`metric(y_true, y_pred) -> float`; received metric={metric!r}."
+            )
+        self.validation_data = tuple(validation_data)
+        self.metric = metric
+        self.batch_size = batch_size
+        self.history = {}
+
+    def _layers(self, model):
+        from moe_keras.gates import PerformanceGate
+
+        layers = [
+            layer
+            for layer in _moe_layers(model, "ExpertPerformanceCallback")
+            if isinstance(layer.gate, PerformanceGate)
+        ]
+        if not layers:
+            raise ValueError(
+                "ExpertPerformanceCallback sets the scores of "
+                "`PerformanceGate` routers; the model's MoE layers have none."
+            )
+        return layers
+
+    def measure(self, model=None):
+        """Scores every expert alone, sets the scores on the gates and
+        returns them, `{layer name: [E] scores}`."""
+        model = model if model is not None else self.model
+        x, y = self.validation_data
+        measured = {}
+        for layer in self._layers(model):
+            gate = layer.gate
+            kept = np.array(keras.ops.convert_to_numpy(gate.scores))
+            scores = []
+            try:
+                for e in range(layer.num_experts):
+                    gate.scores.assign(
+                        np.eye(layer.num_experts, dtype="float32")[e]
+                    )
+                    predictions = model.predict(
+                        x, batch_size=self.batch_size, verbose=0
+                    )
+                    scores.append(float(self.metric(y, predictions)))
+            finally:
+                gate.scores.assign(kept)
+            scores = np.asarray(scores, dtype="float32")
+            if (
+                np.all(np.isfinite(scores))
+                and np.all(scores >= 0)
+                and (scores.sum() > 0)
+            ):
+                gate.set_scores(scores)
+            else:
+                print(
+                    f"ExpertPerformanceCallback: layer '{layer.name}' keeps "
+                    f"its scores; measured {scores.tolist()} (the weights "
+                    "need finite scores >= 0, not all 0)."
+                )
+            self.history.setdefault(layer.name, []).append(scores)
+            measured[layer.name] = scores
+        return measured
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.measure()
+
+    def on_train_end(self, logs=None):
+        self.history = {k: np.stack(v) for k, v in self.history.items()}

@@ -183,6 +183,11 @@ class DenseExperts(keras.layers.Layer):
         group_experts: optional `(groups,)` expert index of each group,
             for groups that are blocks of one expert's tokens rather than
             one group per expert (dropless dispatch).
+        batched: optional bool, one batched matmul over the experts axis
+            (`True`) or one matmul per expert (`False`). Defaults to
+            per-expert matmuls up to 8 experts, which ran faster on CPU;
+            expert parallelism needs the batched form, since a per-expert
+            slice of a sharded kernel would move that expert's weights.
 
     Example:
 
@@ -292,11 +297,19 @@ class DenseExperts(keras.layers.Layer):
         grouped=False,
         group_experts=None,
         group_weights=None,
+        batched=None,
         training=None,
     ):
         custom = dispatch_lib.custom_gradients(training)
         if grouped:
-            return self._grouped(inputs, group_experts, group_weights, custom)
+            if batched is None:
+                # A few large matmuls, one per expert, measured faster than
+                # one batched matmul on CPU (XLA runs them as independent,
+                # multithreaded ops); past 8 experts the batched form wins.
+                batched = self.num_experts > _UNROLL_EXPERTS
+            return self._grouped(
+                inputs, group_experts, group_weights, custom, batched
+            )
         # Every expert on every position. Flattened to plain matmuls: an
         # einsum with an ellipsis here makes TensorFlow broadcast to
         # [tokens, experts, features, hidden] before contracting.
@@ -318,7 +331,7 @@ class DenseExperts(keras.layers.Layer):
             h, tuple(shape[:-1]) + (self.num_experts, self.units)
         )
 
-    def _grouped(self, inputs, group_experts, group_weights, custom):
+    def _grouped(self, inputs, group_experts, group_weights, custom, batched):
         kernel, bias = self._first_projection()
         kernel_out, bias_out = self.kernel_out, self.bias_out
         if group_weights is not None:
@@ -333,10 +346,7 @@ class DenseExperts(keras.layers.Layer):
                 _take(bias, group_experts, custom),
                 _take(bias_out, group_experts, custom),
             )
-        elif self.num_experts <= _UNROLL_EXPERTS:
-            # A few large matmuls, one per expert, measured faster than one
-            # batched matmul on CPU (XLA runs them as independent,
-            # multithreaded ops); past 8 experts the batched form wins.
+        elif not batched:
             return ops.stack(
                 [
                     self._mlp(
@@ -395,6 +405,7 @@ class DenseExperts(keras.layers.Layer):
         grouped=False,
         group_experts=None,
         group_weights=None,
+        batched=None,
         training=None,
     ):
         shape = tuple(inputs.shape[:-1])

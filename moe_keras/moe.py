@@ -6,9 +6,12 @@ from keras import ops
 from moe_keras import _config
 from moe_keras import _validation
 from moe_keras import dispatch as dispatch_lib
+from moe_keras import distribution as distribution_lib
 from moe_keras import gates as gates_lib
+from moe_keras import group_dispatch
 from moe_keras import losses
 from moe_keras import statistics as statistics_lib
+from moe_keras import voting
 from moe_keras.experts import DenseExperts
 from moe_keras.experts import ExpertList
 
@@ -89,6 +92,14 @@ class MoE(keras.layers.Layer):
             depend on the rest of the batch (expert choice and expert
             lists, which have no dropless form, use
             `max(capacity_factor, 2.0)`).
+        token_groups: int or None. With an int G the sparse top-k dispatch
+            splits the tokens of a batch into G equal groups (the last
+            padded), each routed alone with its own capacity
+            `ceil(capacity_factor * (tokens / G) * k / E)` (GShard's
+            groups). `None` (default): one group, or under a Keras
+            distribution one group per device, laid out for expert
+            parallelism (see `moe_keras.get_layout_map`); set G to the
+            device count to reproduce a sharded run on one device.
         load_balance_weight: float >= 0, weight of the load-balancing loss.
             Defaults to 0.01.
         z_loss_weight: float >= 0, weight of the router z-loss.
@@ -97,6 +108,12 @@ class MoE(keras.layers.Layer):
             `True`; `False` makes no variables and costs nothing.
         log_expert_load: bool, with `RoutingMetrics`, also log each
             expert's load (`<name>_expert_load_<i>`).
+        combine: `"weighted"` (the default: `sum_i g_i * expert_i(x)`) or
+            `"vote"`: at inference each classifier expert votes for its
+            argmax class, counted with the gate's weights, and the
+            output is each class's share of the votes (its argmax is
+            the majority's class; see `moe_keras.voting`). A vote has
+            no gradient: training with it is an error.
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, kernel_constraint, bias_constraint: for the
             experts, as in `Dense`.
@@ -143,6 +160,7 @@ class MoE(keras.layers.Layer):
         dispatch="auto",
         capacity_factor=1.25,
         eval_capacity_factor=None,
+        token_groups=None,
         load_balance_weight=0.01,
         z_loss_weight=0.001,
         routing_statistics=True,
@@ -153,6 +171,7 @@ class MoE(keras.layers.Layer):
         bias_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        combine="weighted",
         **kwargs,
     ):
         if "name" not in kwargs:
@@ -226,6 +245,9 @@ class MoE(keras.layers.Layer):
         self.eval_capacity_factor = _validation.positive_float(
             eval_capacity_factor, "eval_capacity_factor", allow_none=True
         )
+        self.token_groups = _validation.positive_int(
+            token_groups, "token_groups", allow_none=True
+        )
         self.load_balance_weight = _validation.non_negative_float(
             load_balance_weight, "load_balance_weight"
         )
@@ -233,6 +255,7 @@ class MoE(keras.layers.Layer):
             z_loss_weight, "z_loss_weight"
         )
         self.gate = gates_lib.get(gate, self.num_experts, self.units)
+        self.combine = voting.check_combine(combine)
         self._check_routing()
 
         self.num_shared_experts = _validation.non_negative_int(
@@ -281,6 +304,16 @@ class MoE(keras.layers.Layer):
                     "An ExpertChoiceGate needs a `capacity_factor` (tokens "
                     "per expert = capacity_factor * tokens / num_experts)."
                 )
+        if self.token_groups is not None and (
+            self.gate.expert_choice or not self.sparse
+        ):
+            raise ValueError(
+                "`token_groups` splits the tokens of the sparse top-k "
+                "dispatch into groups with their own capacity; this layer "
+                "does not run it (it needs top_k, a token-choice gate and "
+                f"dispatch 'auto' or 'sparse'). Received token_groups="
+                f"{self.token_groups}."
+            )
         if (
             isinstance(self.gate, gates_lib.UniformGate)
             and self.top_k is not None
@@ -327,6 +360,7 @@ class MoE(keras.layers.Layer):
     def build(self, input_shape):
         features = _validation.feature_dim(input_shape, self.name)
         self.input_spec = _validation.features_spec(features)
+        self._check_layout()
         # Sublayers revived from a saved config arrive already built.
         for sublayer in (self.experts, self.gate, self.shared_experts):
             if sublayer is not None and not sublayer.built:
@@ -382,7 +416,11 @@ class MoE(keras.layers.Layer):
             routing_mask=valid,
             routing_ids=routing_ids,
         )
-        if self.gate.expert_choice:
+        if self.combine == "vote":
+            # Voting fusion: each expert votes its class (inference only).
+            y = voting.vote(self, x, routing, training)
+            load = dropped = None
+        elif self.gate.expert_choice:
             y, load, dropped = self._expert_choice(
                 x, routing["probs"], valid, training
             )
@@ -423,11 +461,15 @@ class MoE(keras.layers.Layer):
                     weights, indices, self.num_experts
                 )
             return dispatch_lib.dense_combine(self.experts(x), weights), None
+        capacity_factor = self._capacity_factor(training)
+        layout = distribution_lib.dispatch_layout(self._experts_path())
+        groups = self.token_groups or (layout.num_devices if layout else 1)
+        if groups > 1:
+            return self._grouped_token_choice(
+                x, weights, indices, valid, capacity_factor, groups, layout
+            )
         capacity = dispatch_lib.capacity(
-            ops.shape(x)[0],
-            self.top_k,
-            self.num_experts,
-            self._capacity_factor(training),
+            ops.shape(x)[0], self.top_k, self.num_experts, capacity_factor
         )
         plan = dispatch_lib.RoutePlan(
             indices,
@@ -455,6 +497,103 @@ class MoE(keras.layers.Layer):
             buffers, grouped=True, group_experts=plan.group_expert
         )  # [groups, size, units]
         return dispatch_lib.combine(outputs, weights, plan), dropped
+
+    def _grouped_token_choice(
+        self, x, weights, indices, valid, capacity_factor, groups, layout
+    ):
+        """Sparse dispatch in `groups` token groups (see `group_dispatch`),
+        laid out for expert parallelism under a Keras distribution."""
+        num_tokens, features = ops.shape(x)[0], ops.shape(x)[1]
+        padding = (-num_tokens) % groups
+        if not isinstance(padding, int) or padding:
+            # Padding tokens fill the last group; they are not routed.
+            def pad(t):
+                return ops.pad(t, ((0, padding),) + ((0, 0),) * (t.ndim - 1))
+
+            present = ops.ones((num_tokens,), "int32")
+            if valid is not None:
+                present = ops.cast(valid, "int32")
+            x, indices, weights = pad(x), pad(indices), pad(weights)
+            valid = ops.cast(pad(present), "bool")
+        size = (num_tokens + padding) // groups
+        capacity = dispatch_lib.capacity(
+            size, self.top_k, self.num_experts, capacity_factor
+        )
+
+        def split(t):  # [tokens, ...] -> [groups, size, ...]
+            return ops.reshape(t, (groups, size) + tuple(t.shape[1:]))
+
+        plan = group_dispatch.GroupRoutePlan(
+            split(indices),
+            self.num_experts,
+            capacity,
+            None if valid is None else split(valid),
+        )
+        buffers = group_dispatch.dispatch(split(x), plan)  # [G, E, C, d]
+        if layout is not None:
+            buffers = layout.token_side(buffers)
+        buffers = ops.transpose(buffers, (1, 0, 2, 3))  # [E, G, C, d]
+        if layout is not None:
+            buffers = layout.expert_side(buffers)
+        slots = groups * plan.capacity
+        expert_kwargs = {}
+        if layout is not None and layout.expert_axis is not None:
+            # A per-expert loop would slice weights that live elsewhere.
+            expert_kwargs["batched"] = True
+        outputs = self.experts(
+            ops.reshape(buffers, (self.num_experts, slots, features)),
+            grouped=True,
+            **expert_kwargs,
+        )  # [E, G * C, units]
+        outputs = ops.reshape(
+            outputs, (self.num_experts, groups, plan.capacity, self.units)
+        )
+        if layout is not None:
+            outputs = layout.expert_side(outputs)
+        outputs = ops.transpose(outputs, (1, 0, 2, 3))  # [G, E, C, units]
+        if layout is not None:
+            outputs = layout.token_side(outputs)
+        y = group_dispatch.combine(outputs, split(weights), plan)
+        y = ops.reshape(y, (-1, self.units))[:num_tokens]  # [tokens, u]
+        dropped = None
+        if capacity_factor is not None:
+            dropped = plan.dropped / ops.maximum(plan.routed, 1.0)
+        return y, dropped
+
+    def _experts_path(self):
+        return f"{self.path}/experts"
+
+    def _check_layout(self):
+        """Fails early where a distribution's expert layout cannot apply."""
+        layout = distribution_lib.dispatch_layout(self._experts_path())
+        if layout is None:
+            return
+        if self.token_groups and self.token_groups % layout.num_devices:
+            raise ValueError(
+                f"`token_groups={self.token_groups}` must be a multiple of "
+                f"the {layout.num_devices} devices of the distribution's "
+                f"mesh (layer {self.name})."
+            )
+        if layout.expert_axis is None:
+            return
+        if isinstance(self.experts, ExpertList):
+            raise ValueError(
+                f"The layout map shards the experts of layer {self.name} "
+                f"over {layout.expert_axis!r}, but its experts are a list "
+                "of separate layers, which cannot be split along an "
+                "experts axis. Use stacked experts (`num_experts`, "
+                "`units`, `hidden_units`) or keep this layer replicated: "
+                f"layout_map['{self._experts_path()}/dispatch_buffers'] "
+                "= (None, 'batch', None, None)."
+            )
+        shards = layout.expert_shards()
+        if self.num_experts % shards:
+            raise ValueError(
+                f"Layer {self.name} has num_experts={self.num_experts}, "
+                f"which the {shards} devices of mesh axis "
+                f"{layout.expert_axis!r} cannot split evenly; use a "
+                "multiple of the axis size."
+            )
 
     def _token_load(self, routing, valid):
         """`[E]`: each expert's share of the assignments (of the gate
@@ -589,10 +728,12 @@ class MoE(keras.layers.Layer):
                 "dispatch": self.dispatch,
                 "capacity_factor": self.capacity_factor,
                 "eval_capacity_factor": self.eval_capacity_factor,
+                "token_groups": self.token_groups,
                 "load_balance_weight": self.load_balance_weight,
                 "z_loss_weight": self.z_loss_weight,
                 "routing_statistics": self.routing_statistics,
                 "log_expert_load": self.log_expert_load,
+                "combine": self.combine,
             }
         )
         config.update(

@@ -14,6 +14,7 @@ for training calls and for inference calls (evaluation), so that
 validation never mixes with the training epoch it follows.
 """
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -52,14 +53,24 @@ class RoutingStatistics:
         self._variables = {}
 
         def state(name, shape):
-            return layer.add_weight(
-                name=name,
-                shape=shape,
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
-                aggregation="mean",
-            )
+            # Summed on read, like a metric's variables: under tf.distribute
+            # each replica adds its own batches, with no cross-replica sync
+            # inside `call` (one there would stall the replica threads
+            # mid-step and let them read each other's `add_loss` losses).
+            # `add_weight` has no `synchronization` argument.
+            with keras.name_scope(layer.name, caller=layer):
+                variable = keras.Variable(
+                    initializer="zeros",
+                    shape=shape,
+                    dtype="float32",
+                    trainable=False,
+                    autocast=False,
+                    aggregation="sum",
+                    synchronization="on_read",
+                    name=name,
+                )
+            layer._track_variable(variable)
+            return variable
 
         for phase in PHASES:
             self._variables[phase] = dict(
@@ -84,11 +95,15 @@ class RoutingStatistics:
                 for name, here in zip(STATISTICS, present)
             ]
         )
+        # A record, not part of the loss: under tf.distribute the
+        # cross-replica mean of an assign would otherwise stay on the tape.
+        batch = ops.stop_gradient(batch)
+        load = ops.stop_gradient(ops.cast(load, "float32"))
         state["sums"].assign(state["sums"] + batch)
         state["counts"].assign(
             state["counts"] + ops.convert_to_tensor(present, "float32")
         )
-        state["load"].assign(state["load"] + ops.cast(load, "float32"))
+        state["load"].assign(state["load"] + load)
         state["batches"].assign(state["batches"] + 1.0)
 
     def result(self, phase="train"):

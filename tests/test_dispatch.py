@@ -28,14 +28,15 @@ def _routing(tokens, experts, k, seed=0):
     [(12, 4, 1, 2), (12, 4, 2, 3), (16, 8, 3, 2), (5, 3, 3, 5)],
 )
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("method", dispatch.PLAN_METHODS)
 def test_plan_keeps_what_fits_first_choices_first(
-    tokens, experts, k, capacity, masked
+    tokens, experts, k, capacity, masked, method
 ):
     order, _ = _routing(tokens, experts, k)
     valid = (
         np.random.RandomState(1).uniform(size=tokens) > 0.3 if masked else None
     )
-    plan = dispatch.RoutePlan(order, experts, capacity, valid)
+    plan = dispatch.RoutePlan(order, experts, capacity, valid, method=method)
     expected = reference.capacity_keep(order, experts, capacity, valid)
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(plan.kept).reshape(tokens, k), expected
@@ -45,10 +46,11 @@ def test_plan_keeps_what_fits_first_choices_first(
     assert float(plan.dropped) == routed - expected.sum()
 
 
-def test_dropless_blocks_hold_every_assignment_with_bounded_padding():
+@pytest.mark.parametrize("method", dispatch.PLAN_METHODS)
+def test_dropless_blocks_hold_every_assignment_with_bounded_padding(method):
     tokens, experts, k = 300, 8, 2
     order, _ = _routing(tokens, experts, k)
-    plan = dispatch.RoutePlan(order, experts, None)
+    plan = dispatch.RoutePlan(order, experts, None, method=method)
     size = plan.group_size
     assert plan.num_groups * size <= tokens * k + experts * (size - 1)
     assert float(keras.ops.convert_to_numpy(plan.kept).sum()) == tokens * k
@@ -120,14 +122,15 @@ def _numpy_dispatch_combine(x, order, weights, experts, capacity, expert_fn):
     "tokens, capacity",
     [(16, 2), (16, 6), (16, 16), (16, None), (64, None), (200, None)],
 )
-def test_dispatch_combine_forward_and_gradients(tokens, capacity):
+@pytest.mark.parametrize("method", dispatch.PLAN_METHODS)
+def test_dispatch_combine_forward_and_gradients(tokens, capacity, method):
     """Capacity buffers, and (capacity=None) the dropless block layout."""
     experts, k, d, u = 4, 2, 5, 3
     order, weights = _routing(tokens, experts, k, seed=tokens)
     rng = np.random.RandomState(2)
     x = rng.normal(size=(tokens, d)).astype("float32")
     kernels = rng.normal(size=(experts, d, u)).astype("float32")
-    plan = dispatch.RoutePlan(order, experts, capacity)
+    plan = dispatch.RoutePlan(order, experts, capacity, method=method)
     if capacity is None:
         assert float(plan.dropped) == 0.0
         capacity = tokens * k  # the references then keep everything
@@ -222,3 +225,51 @@ def test_exclusive_cumsum_is_exact_past_float32_integers():
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(got[-300:, 0]), np.arange(rows - 300, rows)
     )
+
+
+@settings(
+    # JAX compiles each new shape of an eager op: fewer draws there.
+    max_examples=12 if keras.backend.backend() == "jax" else 60,
+    deadline=None,
+    derandomize=True,
+)
+@given(
+    experts=st.integers(1, 9),
+    tokens=st.sampled_from([0, 1, 2, 5, 17, 40]),
+    data=st.data(),
+)
+def test_sorting_and_one_hot_plans_are_the_same_plan(experts, tokens, data):
+    k = data.draw(st.integers(1, experts), label="k")
+    capacity_factor = data.draw(
+        st.sampled_from([None, 0.5, 1.0, 1.25]), label="capacity_factor"
+    )
+    masked = data.draw(st.booleans(), label="masked")
+    rng = np.random.default_rng(tokens * 10 + experts)
+    order = np.array(
+        [rng.permutation(experts)[:k] for _ in range(tokens)], "int32"
+    ).reshape(tokens, k)
+    valid = rng.random(tokens) > 0.3 if masked else None
+    capacity = dispatch.capacity(tokens, k, experts, capacity_factor)
+    one_hot, by_sort = (
+        dispatch.RoutePlan(order, experts, capacity, valid, method=method)
+        for method in ("one_hot", "sort")
+    )
+    for name in ("kept", "assignment_slot", "slot_filled", "expert_counts"):
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(getattr(by_sort, name)),
+            ops.convert_to_numpy(getattr(one_hot, name)),
+            err_msg=name,
+        )
+    filled = ops.convert_to_numpy(one_hot.slot_filled)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(by_sort.slot_assignment)[filled],
+        ops.convert_to_numpy(one_hot.slot_assignment)[filled],
+    )
+    assert float(by_sort.dropped) == float(one_hot.dropped)
+
+
+def test_plan_method_is_checked_and_sorts_for_many_experts():
+    assert dispatch.plan_method(32) == "one_hot"
+    assert dispatch.plan_method(129) == "sort"
+    with pytest.raises(ValueError, match="method"):
+        dispatch.RoutePlan(np.zeros((2, 1), "int32"), 2, 1, method="scan")

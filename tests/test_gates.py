@@ -1,3 +1,5 @@
+import pathlib
+
 import keras
 import numpy as np
 import pytest
@@ -76,3 +78,40 @@ def test_router_is_float32_under_mixed_precision():
 def test_unbuilt_gate_without_num_experts_says_so():
     with pytest.raises(ValueError, match="num_experts"):
         SoftmaxGate()(np.ones((2, 4), "float32"))
+
+
+# --- the `gates` sub-package keeps the single module's names --------------
+
+
+def test_gates_subpackage_keeps_every_name():
+    from moe_keras import gates
+
+    for name in (
+        "ExpertChoiceGate", "FeatureGate", "Gate", "HashGate",
+        "NoisyTopKGate", "RandomGate", "RoundRobinGate", "SigmoidGate",
+        "SoftmaxGate", "StaticGate", "UniformGate", "get", "top_k_indices",
+    ):  # fmt: skip
+        assert hasattr(gates, name), name
+    for name in ("SoftmaxGate", "HashGate", "PerformanceGate", "ClusterGate"):
+        registered = keras.saving.get_registered_object(f"moe_keras>{name}")
+        assert registered is getattr(gates, name)
+
+
+def test_files_saved_before_the_gates_subpackage_load_unchanged():
+    # Saved by moe_keras at 13d5059 (gates in one `gates.py`): nine MoE
+    # layers in a row, one per gate family, with random weights.
+    data = pathlib.Path(__file__).parent / "data"
+    model = keras.saving.load_model(data / "gates_before_subpackage.keras")
+    saved = np.load(data / "gates_before_subpackage.npz")
+    inputs = [saved["x"], saved["ids"]]
+    if keras.backend.backend() == "jax":
+        # One compiled step: JAX compiles eager ops one by one per shape.
+        predictions = model.predict(inputs, verbose=0)
+    else:
+        predictions = keras.ops.convert_to_numpy(model(inputs))
+    np.testing.assert_allclose(
+        predictions,
+        saved["y"],
+        rtol=1e-5,
+        atol=1e-5,
+    )

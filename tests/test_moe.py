@@ -170,14 +170,22 @@ def test_sparse_gradients_equal_dense_gradients(
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_sparse_drops_what_exceeds_capacity():
+@pytest.mark.parametrize(
+    "num_experts, top_k",
+    [(4, 2), (80, 6)],  # one-hot and sorting plans
+)
+def test_sparse_drops_what_exceeds_capacity(num_experts, top_k):
     layer = MoE(
-        num_experts=4, units=5, top_k=2, dispatch="sparse", capacity_factor=0.5
+        num_experts=num_experts,
+        units=5,
+        top_k=top_k,
+        dispatch="sparse",
+        capacity_factor=0.5,
     )
     x = _x((32, 3))
     layer.build(x.shape)
     _randomize(layer)
-    capacity = dispatch_lib.capacity(32, 2, 4, 0.5)
+    capacity = dispatch_lib.capacity(32, top_k, num_experts, 0.5)
     expected = reference.moe_forward(layer, x, capacity=capacity)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(layer(x, training=True)),
@@ -669,11 +677,12 @@ def test_empty_batch(name, training):
 @pytest.mark.skipif(
     BACKEND != "tensorflow", reason="an unknown batch size is TF graph-only"
 )
-def test_unknown_batch_size_in_a_graph_gives_eager_results():
+@pytest.mark.parametrize("num_experts", [4, 80])  # one-hot and sorting plans
+def test_unknown_batch_size_in_a_graph_gives_eager_results(num_experts):
     import tensorflow as tf
 
     layer = MoE(
-        num_experts=4,
+        num_experts=num_experts,
         units=3,
         top_k=2,
         hidden_units=4,

@@ -1,0 +1,170 @@
+"""Expert parallelism on the Keras distribution API.
+
+`get_layout_map` shards every `MoE` layer's experts over the model axis of
+a `keras.distribution.DeviceMesh`; under the `ModelParallel` distribution
+made from it, each device holds `E / m` experts (and their optimizer
+state), and the layer lays out its token groups so that tokens reach their
+experts' devices by all-to-all (see `group_dispatch`).
+
+The layer reads its dispatch layout from the distribution's `LayoutMap`
+under the key `<layer>/experts/dispatch_buffers`: the layout of the
+expert-side buffers `[E, G, C, d]`, `(model, batch, None, None)` from
+`get_layout_map`. Setting that path to `(None, "batch", None, None)`
+keeps one layer's experts replicated (data-parallel only).
+
+Layouts are applied on the JAX backend, where Keras implements the
+distribution API; elsewhere these helpers lay out nothing.
+"""
+
+import math
+
+import keras
+from keras import backend
+
+_DISPATCH_KEY = "dispatch_buffers"
+
+
+def get_layout_map(
+    device_mesh,
+    model_parallel_dim_name="model",
+    data_parallel_dim_name="batch",
+):
+    """A `LayoutMap` that shards every `MoE` layer's experts.
+
+    Each expert weight of shape `[E, ...]` is split along its experts axis
+    over `model_parallel_dim_name`, and each layer's dispatch buffers are
+    laid out so that token groups live on the data-parallel devices and
+    experts on the model-parallel ones. Pass it to
+    `keras.distribution.ModelParallel(layout_map=...)`; merge it with your
+    own entries (e.g. `layout_map[".*dense.*kernel"] = (None, "model")`),
+    or override one layer by its exact path, which takes precedence over
+    these patterns: `layout_map["moe/experts/in_kernel"] = (None, None,
+    None)`.
+
+    The number of experts of every `MoE` layer must be divisible by the
+    size of the model axis; the layer checks that when it builds. Shared
+    experts (`num_shared_experts`) stay replicated.
+
+    Args:
+        device_mesh: a `keras.distribution.DeviceMesh`.
+        model_parallel_dim_name: str, the mesh axis that splits experts.
+        data_parallel_dim_name: str, the mesh axis that splits the batch.
+
+    Returns:
+        A `keras.distribution.LayoutMap`.
+
+    Example:
+
+    ```python
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh(
+        (2, len(devices) // 2), ["batch", "model"], devices
+    )
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(
+            layout_map=moe_keras.get_layout_map(mesh), batch_dim_name="batch"
+        )
+    )
+    ```
+    """
+    if not isinstance(device_mesh, keras.distribution.DeviceMesh):
+        raise TypeError(
+            "`device_mesh` must be a keras.distribution.DeviceMesh; "
+            f"received {device_mesh!r} (of type "
+            f"{type(device_mesh).__name__})."
+        )
+    names = tuple(device_mesh.axis_names)
+    for argument, name in (
+        ("model_parallel_dim_name", model_parallel_dim_name),
+        ("data_parallel_dim_name", data_parallel_dim_name),
+    ):
+        if name not in names:
+            raise ValueError(
+                f"`{argument}={name!r}` is not an axis of the device mesh, "
+                f"whose axes are {list(names)}."
+            )
+    if model_parallel_dim_name == data_parallel_dim_name:
+        raise ValueError(
+            "`model_parallel_dim_name` and `data_parallel_dim_name` must "
+            f"differ; both are {model_parallel_dim_name!r}."
+        )
+    model, data = model_parallel_dim_name, data_parallel_dim_name
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    # `(.*/)?experts/` matches a layer named "experts" (an MoE's routed
+    # experts) and not "shared_experts".
+    layout_map[r"(.*/)?experts/(in_|out_)?kernel"] = (model, None, None)
+    layout_map[r"(.*/)?experts/(in_|out_)?bias"] = (model, None)
+    layout_map[rf"(.*/)?experts/{_DISPATCH_KEY}"] = (model, data, None, None)
+    return layout_map
+
+
+class DispatchLayout:
+    """How one layer's token groups and experts sit on the devices.
+
+    Attributes:
+        num_devices: devices in the mesh; one token group each by default.
+        expert_axis: mesh axis splitting the experts, or `None`.
+        group_axes: mesh axes splitting the groups on the token side.
+        expert_side_group_axes: mesh axes splitting the groups on the
+            expert side (all but `expert_axis`).
+    """
+
+    def __init__(self, mesh, expert_axis, data_axis):
+        self.mesh = mesh
+        self.num_devices = math.prod(mesh.shape)
+        self.expert_axis = expert_axis
+        others = [a for a in mesh.axis_names if a != expert_axis]
+        if data_axis in others:
+            others.remove(data_axis)
+            others.insert(0, data_axis)
+        self.expert_side_group_axes = tuple(others)
+        # Group g of the token side sits on the device that holds its
+        # tokens: batch-major, then across the expert axis.
+        self.group_axes = self.expert_side_group_axes + (
+            (expert_axis,) if expert_axis is not None else ()
+        )
+
+    def expert_shards(self):
+        if self.expert_axis is None:
+            return 1
+        return self.mesh.shape[self.mesh.axis_names.index(self.expert_axis)]
+
+    def token_side(self, buffers):
+        """Constrains `[G, E, C, d]` to groups on their tokens' devices."""
+        return _constrain(buffers, (self.group_axes,) + (None,) * 3, self)
+
+    def expert_side(self, buffers):
+        """Constrains `[E, G, C, d]` to experts on their weights' devices."""
+        groups = self.expert_side_group_axes or None
+        return _constrain(buffers, (self.expert_axis, groups, None, None), self)
+
+
+def dispatch_layout(experts_path):
+    """The `DispatchLayout` of the layer whose experts sit at
+    `experts_path`, or `None` without a Keras distribution (or off JAX)."""
+    distribution = keras.distribution.distribution()
+    if distribution is None or backend.backend() != "jax":
+        return None
+    mesh = distribution.device_mesh
+    data_axis = getattr(distribution, "batch_dim_name", None)
+    layout = None
+    if isinstance(distribution, keras.distribution.ModelParallel):
+        layout = distribution.get_tensor_layout(
+            f"{experts_path}/{_DISPATCH_KEY}"
+        )
+    expert_axis = layout.axes[0] if layout is not None else None
+    return DispatchLayout(mesh, expert_axis, data_axis)
+
+
+def _constrain(x, axes, layout):
+    import jax
+
+    spec = jax.sharding.PartitionSpec(
+        *[a if not isinstance(a, tuple) or a else None for a in axes]
+    )
+    mesh = keras.distribution.TensorLayout(
+        [None], layout.mesh
+    ).backend_layout.mesh
+    return keras.distribution.distribute_tensor(
+        x, jax.sharding.NamedSharding(mesh, spec)
+    )

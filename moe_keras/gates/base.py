@@ -1,0 +1,345 @@
+"""The router base class and the helpers every gate family shares."""
+
+import keras
+from keras import ops
+
+from moe_keras import _config
+from moe_keras import _validation
+from moe_keras import losses as losses_lib
+
+
+def top_k_indices(scores, k):
+    """Indices `[T, k]` int32 of each row's k largest scores, best first,
+    the lower index first among ties (as `ops.top_k`).
+
+    Written as k rounds of argmax: the routers' k is small, and unlike
+    the `top_k` op this lowers to plain reductions on every backend, so a
+    model exported from JAX (a StableHLO `top_k` that TensorFlow 2.21
+    cannot load) serves in TensorFlow.
+    """
+    num = ops.shape(scores)[-1]
+    columns = ops.arange(num, dtype="int32")
+    picked = []
+    for _ in range(k):
+        index = ops.cast(ops.argmax(scores, axis=-1), "int32")  # [T]
+        picked.append(index)
+        # Out of the running: -inf, and NaN rows stay NaN (their argmax
+        # is some valid index either way).
+        scores = ops.where(
+            columns[None, :] == index[:, None],
+            ops.cast(float("-inf"), scores.dtype),
+            scores,
+        )
+    return ops.stack(picked, axis=-1)
+
+
+def rate(value, name):
+    """A float in [0, 1), such as a dropout or jitter rate."""
+    value = _validation.non_negative_float(value, name)
+    if value >= 1.0:
+        raise ValueError(
+            f"`{name}` must be in [0, 1); received {name}={value}."
+        )
+    return value
+
+
+def optional_bool(value, name):
+    """`True`, `False` or `None` (the gate's own default)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(
+            f"`{name}` must be True, False or None; received "
+            f"{name}={value!r} (of type {type(value).__name__})."
+        )
+    return value
+
+
+def broadcast_rows(x, row):
+    """`row` `[..]` repeated for each of the `T` rows of `x` `[T, d]`."""
+    return ops.zeros((ops.shape(x)[0],) + (1,) * len(row.shape), x.dtype) + row
+
+
+class Gate(keras.layers.Layer):
+    """Base class of routers; by itself a learned linear router.
+
+    It scores every expert at every position with `logits = x @ W (+ b)`
+    (or, with `hidden_units`, through a one-hidden-layer MLP), turns the
+    logits into probabilities (`probabilities`, defined by subclasses) and
+    selects the top-k experts. It runs in float32 whatever the global
+    dtype policy: routing decisions and the softmax are sensitive to
+    rounding, and the router is cheap.
+
+    Args:
+        num_experts: int or None. `None` lets the owning `MoE` fill it in.
+        use_bias: bool. Defaults to `False`.
+        kernel_initializer, bias_initializer, kernel_regularizer,
+        bias_regularizer: for the routing weights.
+        hidden_units: int or None. If set, the router is an MLP ("the
+            teacher network is an MLP"):
+            `logits = hidden_activation(x @ W_h + b_h) @ W (+ b)`.
+            Defaults to `None` (a linear router).
+        hidden_activation: activation of the router's hidden layer.
+            Defaults to `"relu"`.
+        normalize_top_k: bool or None. Whether the k selected weights are
+            renormalised to sum to 1. `None` (the default) keeps each
+            gate's own rule (`SoftmaxGate`: for k > 1 only; `SigmoidGate`:
+            never); `True` always (a softmax over the k selected logits,
+            Shazeer et al. 2017; at k = 1 every weight is then 1); `False`
+            never.
+        jitter: float in [0, 1). Switch Transformer router jitter: while
+            training, the router's input is multiplied by noise drawn from
+            `U(1 - jitter, 1 + jitter)`. Defaults to 0.
+        dropout: float in [0, 1). Gate dropout: while training, each
+            (position, expert) combine weight is zeroed with this
+            probability (the rest scaled by `1 / (1 - dropout)`).
+        bias_update_rate: float >= 0. Auxiliary-loss-free load balancing
+            (DeepSeek-V3, Wang et al. 2024): a per-expert bias, added to
+            the scores for *selection only*, is moved by this step after
+            every training batch, up for experts that got less than their
+            share of assignments and down for those that got more. It is a
+            non-trainable weight, saved with the model. Defaults to 0 (off).
+        seed: int or None, seed of the gate's randomness.
+
+    Call arguments:
+        inputs: `(..., features)` floats.
+        routing, top_k, training, routing_mask, routing_ids: see the
+            package docstring; `routing_ids` is only used by id-based
+            gates.
+    """
+
+    default_normalize_top_k = False  # renormalise the k selected (k > 1)
+    learned = True  # a trained router: auxiliary losses apply to it
+    expert_choice = False  # experts choose tokens (see ExpertChoiceGate)
+    needs_ids = False  # routes by token id (see HashGate)
+    uses_randomness = False  # draws random numbers on every call
+    scores_inputs = True  # the scores are a function of the inputs
+
+    def __init__(
+        self,
+        num_experts=None,
+        use_bias=False,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        jitter=0.0,
+        dropout=0.0,
+        bias_update_rate=0.0,
+        seed=None,
+        hidden_units=None,
+        hidden_activation="relu",
+        normalize_top_k=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.num_experts = _validation.positive_int(
+            num_experts, "num_experts", allow_none=True
+        )
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.jitter = rate(jitter, "jitter")
+        self.dropout = rate(dropout, "dropout")
+        self.bias_update_rate = _validation.non_negative_float(
+            bias_update_rate, "bias_update_rate"
+        )
+        self.seed = _validation.seed(seed)
+        self.hidden_units = _validation.positive_int(
+            hidden_units, "hidden_units", allow_none=True
+        )
+        if self.hidden_units is not None and not self.scores_inputs:
+            raise ValueError(
+                f"`hidden_units` makes an MLP router of the inputs, but "
+                f"{type(self).__name__} does not score its inputs; received "
+                f"hidden_units={hidden_units}."
+            )
+        self.hidden_activation = keras.activations.get(hidden_activation)
+        self.normalize_top_k = optional_bool(normalize_top_k, "normalize_top_k")
+        # Only gates that draw random numbers carry a seed state.
+        self.seed_generator = None
+        if self.uses_randomness or self.jitter > 0 or self.dropout > 0:
+            self.seed_generator = keras.random.SeedGenerator(seed)
+        self.selection_bias = None
+
+    # --- weights ---------------------------------------------------------
+
+    def build(self, input_shape):
+        if self.num_experts is None:
+            raise ValueError(
+                f"Gate '{self.name}' needs `num_experts` before it is built: "
+                "pass it to the gate or use the gate inside an `MoE` layer."
+            )
+        features = _validation.feature_dim(input_shape, self.name)
+        self.input_spec = _validation.features_spec(features)
+        self.build_router(features)
+        if self.bias_update_rate > 0:
+            self.selection_bias = self.add_weight(
+                name="selection_bias",
+                shape=(self.num_experts,),
+                initializer="zeros",
+                trainable=False,
+            )
+
+    def build_router(self, features):
+        """Creates the scoring weights; `features` is the input width."""
+        self.hidden_kernel = self.hidden_bias = None
+        if self.hidden_units is not None:
+            self.hidden_kernel = self.add_weight(
+                name="hidden_kernel",
+                shape=(features, self.hidden_units),
+                initializer=self.kernel_initializer,
+                regularizer=self.kernel_regularizer,
+            )
+            self.hidden_bias = self.add_weight(
+                name="hidden_bias",
+                shape=(self.hidden_units,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+            )
+            features = self.hidden_units
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(features, self.num_experts),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(self.num_experts,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+            )
+
+    # --- scoring ---------------------------------------------------------
+
+    def jittered(self, x, training):
+        """The router's input, with Switch jitter while training."""
+        if training and self.jitter > 0:
+            x = x * keras.random.uniform(
+                ops.shape(x),
+                1.0 - self.jitter,
+                1.0 + self.jitter,
+                seed=self.seed_generator,
+                dtype=x.dtype,
+            )
+        return x
+
+    def compute_logits(self, x, training=None, routing_ids=None):
+        """Router logits `[T, E]`."""
+        x = self.jittered(x, training)
+        if self.hidden_kernel is not None:
+            # [T, hidden]: the MLP router's hidden layer.
+            x = self.hidden_activation(
+                ops.matmul(x, self.hidden_kernel) + self.hidden_bias
+            )
+        logits = ops.matmul(x, self.kernel)
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits
+
+    def probabilities(self, logits):
+        """Gate probabilities `[T, E]` from router logits."""
+        raise NotImplementedError
+
+    def balance_distribution(self, probs):
+        """Router probabilities as a distribution over experts (sums to 1),
+        the form the load-balancing loss expects."""
+        return probs
+
+    def normalizes(self, top_k):
+        """Whether the `top_k` selected weights are renormalised."""
+        if self.normalize_top_k is not None:
+            return self.normalize_top_k
+        # At k=1 renormalising would make every weight 1 and cut the
+        # router off from the task's gradient (Switch keeps p at k=1).
+        return self.default_normalize_top_k and top_k > 1
+
+    def select(self, probs, top_k):
+        """The `top_k` experts of each position and their combine weights,
+        `(weights, indices)`, both `[T, top_k]`."""
+        scores = probs
+        if self.selection_bias is not None:
+            scores = probs + self.selection_bias
+        indices = top_k_indices(scores, top_k)
+        weights = ops.take_along_axis(probs, indices, axis=-1)
+        if self.normalizes(top_k):
+            total = ops.sum(weights, axis=-1, keepdims=True)
+            weights = weights / ops.maximum(total, 1e-30)
+        return weights, indices
+
+    # --- routing ---------------------------------------------------------
+
+    def route(self, x, top_k, training=None, mask=None, routing_ids=None):
+        """The routing dict of the package docstring for tokens `x`
+        `[T, d]`."""
+        logits = self.compute_logits(x, training, routing_ids)
+        probs = self.probabilities(logits)
+        routing = {"logits": logits, "probs": probs, "losses": {}}
+        if top_k is None:
+            routing["weights"] = probs
+        else:
+            routing["weights"], routing["indices"] = self.select(probs, top_k)
+            if training and self.selection_bias is not None:
+                self.update_selection_bias(routing["indices"], mask)
+        if training and self.dropout > 0:
+            routing["weights"] = keras.random.dropout(
+                routing["weights"], self.dropout, seed=self.seed_generator
+            )
+        return routing
+
+    def update_selection_bias(self, indices, mask):
+        load = losses_lib.assignment_fraction(indices, self.num_experts, mask)
+        step = self.bias_update_rate * ops.sign(1.0 / self.num_experts - load)
+        self.selection_bias.assign(self.selection_bias + step)
+
+    # Kept for code written against the single-module `gates.py`.
+    _update_selection_bias = update_selection_bias
+
+    def call(
+        self,
+        inputs,
+        training=None,
+        routing=False,
+        top_k=None,
+        routing_mask=None,
+        routing_ids=None,
+    ):
+        if routing:
+            return self.route(
+                inputs, top_k, training, routing_mask, routing_ids
+            )
+        return self.probabilities(
+            self.compute_logits(inputs, training, routing_ids)
+        )
+
+    def compute_output_spec(self, inputs, routing=False, **kwargs):
+        if routing:
+            return super().compute_output_spec(inputs, routing=True, **kwargs)
+        shape = tuple(inputs.shape[:-1]) + (self.num_experts,)
+        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "use_bias": self.use_bias,
+                "jitter": self.jitter,
+                "dropout": self.dropout,
+                "bias_update_rate": self.bias_update_rate,
+                "seed": self.seed,
+                "hidden_units": self.hidden_units,
+                "hidden_activation": keras.activations.serialize(
+                    self.hidden_activation
+                ),
+                "normalize_top_k": self.normalize_top_k,
+            }
+        )
+        config.update(
+            _config.weight_options(self, _config.ROUTER_WEIGHT_OPTIONS)
+        )
+        return config

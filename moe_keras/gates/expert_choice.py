@@ -1,0 +1,39 @@
+"""Expert-choice routing: the experts choose their tokens."""
+
+import keras
+from keras import ops
+
+from moe_keras.gates.learned import SoftmaxGate
+
+
+@keras.saving.register_keras_serializable(package="moe_keras")
+class ExpertChoiceGate(SoftmaxGate):
+    """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with
+    Expert Choice Routing").
+
+    Instead of each token picking k experts, each expert picks the `C`
+    tokens that score it highest, `C = ceil(capacity_factor * tokens / E)`
+    (the `MoE` layer's `capacity_factor`, on average how many experts each
+    token gets). Load is balanced by construction, so no balancing loss is
+    added; a token chosen by no expert gets zero output (the residual
+    carries it). Use with `top_k=None`. Arguments as in `Gate`.
+
+    Example:
+
+    >>> layer = MoE(4, 8, gate=ExpertChoiceGate(), capacity_factor=2.0)
+    >>> tuple(layer(np.ones((6, 5), "float32")).shape)
+    (6, 8)
+    """
+
+    expert_choice = True
+
+    def choose(self, probs, capacity, mask=None):
+        """`(token_indices, weights)`, both `[E, C]`: the C tokens each
+        expert takes and their gate probabilities for it."""
+        scores = ops.transpose(probs)  # [E, T]
+        if mask is not None:
+            # Padding ranks below every real token (probabilities are >= 0).
+            scores = ops.where(ops.cast(mask, "bool")[None, :], scores, -1.0)
+        weights, tokens = ops.top_k(scores, capacity)
+        weights = ops.maximum(weights, 0.0)
+        return ops.cast(tokens, "int32"), weights

@@ -1,0 +1,225 @@
+"""Learned routers that score the inputs: softmax, sigmoid, any activation
+(the classic `gate_fn`), and noisy top-k."""
+
+import keras
+from keras import ops
+
+from moe_keras import _validation
+from moe_keras import losses as losses_lib
+from moe_keras.gates.base import Gate
+
+
+@keras.saving.register_keras_serializable(package="moe_keras")
+class SoftmaxGate(Gate):
+    """Softmax router: gate probabilities sum to 1 over the experts.
+
+    With top-k routing (k > 1) the k selected probabilities are
+    renormalised to sum to 1, which equals a softmax over the k selected
+    logits (as in Mixtral); at k = 1 the probability itself is the weight
+    (as in Switch), so the router still learns from the task.
+    `normalize_top_k=True` renormalises at k = 1 too. Arguments as in
+    `Gate`.
+
+    Example:
+
+    >>> gate = SoftmaxGate(num_experts=4)
+    >>> tuple(gate(np.ones((2, 8), "float32")).shape)
+    (2, 4)
+    """
+
+    default_normalize_top_k = True
+
+    def probabilities(self, logits):
+        return ops.softmax(logits, axis=-1)
+
+
+def _normalized_positive(probs):
+    """Non-negative gate values as a distribution over experts."""
+    probs = ops.maximum(probs, 0.0)
+    return probs / ops.maximum(ops.sum(probs, axis=-1, keepdims=True), 1e-9)
+
+
+@keras.saving.register_keras_serializable(package="moe_keras")
+class SigmoidGate(Gate):
+    """Sigmoid router: each expert gets an independent weight in (0, 1).
+
+    Experts do not compete for probability mass, so the dense mixture can
+    switch several experts fully on at once; with top-k the selected
+    sigmoid scores are used as they are (not renormalised, unless
+    `normalize_top_k=True`, as DeepSeek-V3 does). With
+    `bias_update_rate > 0` this is DeepSeek-V3's auxiliary-loss-free
+    router. Arguments as in `Gate`; `use_bias=True` adds a learned bias to
+    every expert's logit.
+
+    Example:
+
+    >>> gate = SigmoidGate(num_experts=4, use_bias=True)
+    >>> tuple(gate(np.ones((2, 8), "float32")).shape)
+    (2, 4)
+    """
+
+    def probabilities(self, logits):
+        return ops.sigmoid(logits)
+
+    def balance_distribution(self, probs):
+        return _normalized_positive(probs)
+
+
+@keras.saving.register_keras_serializable(package="moe_keras")
+class ActivationGate(Gate):
+    """A router whose gate function is any activation: `g = f(x @ W + b)`.
+
+    The classic write-ups give the gate as a function of the router's
+    logits (`gate_fn`): a softmax, a sigmoid, a ReLU, a tanh. This gate
+    takes that function as `activation`, a Keras activation name or a
+    callable on `[T, E]` logits, and uses its values as the combine
+    weights as they are (with top-k, the k largest). `MoE(gate=fn)`, with
+    `fn` a callable such as `keras.activations.relu`, builds one.
+
+    To save a model with a function of your own, register it with
+    `@keras.saving.register_keras_serializable()` (a `lambda` reloads only
+    with `safe_mode=False`).
+
+    Args:
+        activation: str or callable, the gate function. Defaults to
+            `"sigmoid"`.
+        Other arguments as in `Gate`.
+
+    Example:
+
+    >>> gate = ActivationGate(num_experts=4, activation="relu", use_bias=True)
+    >>> tuple(gate(np.ones((2, 8), "float32")).shape)
+    (2, 4)
+    """
+
+    def __init__(self, num_experts=None, activation="sigmoid", **kwargs):
+        super().__init__(num_experts=num_experts, **kwargs)
+        if activation is None or not (
+            isinstance(activation, str) or callable(activation)
+        ):
+            raise TypeError(
+                "`activation` must be an activation name or a callable; "
+                f"received activation={activation!r}."
+            )
+        try:
+            self.activation = keras.activations.get(activation)
+        except ValueError as error:
+            raise ValueError(
+                "`activation` must be a Keras activation name or a callable; "
+                f"received activation={activation!r}."
+            ) from error
+
+    def probabilities(self, logits):
+        return self.activation(logits)
+
+    def balance_distribution(self, probs):
+        return _normalized_positive(probs)
+
+    def get_config(self):
+        config = super().get_config()
+        config["activation"] = keras.activations.serialize(self.activation)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="moe_keras")
+class NoisyTopKGate(SoftmaxGate):
+    """Noisy top-k gating (Shazeer et al. 2017, "Outrageously Large Neural
+    Networks").
+
+    While training, learned input-dependent Gaussian noise
+    `N(0, 1) * softplus(x @ W_noise)` is added to the logits before the
+    top-k is taken. The combine weights are the selected probabilities of
+    the softmax over the noisy logits, renormalised as in `SoftmaxGate`:
+    for k > 1 that is a softmax over the k selected noisy logits, the
+    paper's form; at k = 1 it is the selected probability itself (as in
+    Switch, so the router keeps learning from the task), unless
+    `normalize_top_k=True`, which gives the paper's form at every k (at
+    k = 1 a weight of exactly 1). It adds the paper's two balancing
+    losses: the importance loss `importance_weight * CV(sum_t g_t)^2` and
+    the load loss `load_weight * CV(sum_t P(t, i))^2`, with `P` the smooth
+    probability that expert i stays in the top-k under fresh noise.
+
+    Args:
+        importance_weight: float >= 0. Defaults to 0.1.
+        load_weight: float >= 0. Defaults to 0.1.
+        Other arguments as in `Gate`.
+
+    Example:
+
+    >>> gate = NoisyTopKGate(num_experts=4, normalize_top_k=True, seed=0)
+    >>> routing = gate(np.ones((2, 8), "float32"), routing=True, top_k=1)
+    >>> keras.ops.convert_to_numpy(routing["weights"]).tolist()
+    [[1.0], [1.0]]
+    """
+
+    uses_randomness = True
+
+    def __init__(
+        self, num_experts=None, importance_weight=0.1, load_weight=0.1, **kwargs
+    ):
+        super().__init__(num_experts=num_experts, **kwargs)
+        self.importance_weight = _validation.non_negative_float(
+            importance_weight, "importance_weight"
+        )
+        self.load_weight = _validation.non_negative_float(
+            load_weight, "load_weight"
+        )
+
+    def build_router(self, features):
+        super().build_router(features)
+        # Zero init: training starts with softplus(0) ~ 0.69 noise everywhere.
+        self.noise_kernel = self.add_weight(
+            name="noise_kernel",
+            shape=(features, self.num_experts),
+            initializer="zeros",
+            regularizer=self.kernel_regularizer,
+        )
+
+    def route(self, x, top_k, training=None, mask=None, routing_ids=None):
+        if not training or top_k is None:
+            return super().route(x, top_k, training, mask, routing_ids)
+        clean = self.compute_logits(x, training)
+        noise_std = ops.softplus(ops.matmul(x, self.noise_kernel)) + 1e-2
+        noisy = clean + noise_std * keras.random.normal(
+            ops.shape(clean), seed=self.seed_generator, dtype=clean.dtype
+        )
+        probs = ops.softmax(noisy, axis=-1)
+        weights, indices = self.select(probs, top_k)
+        if self.selection_bias is not None:
+            self.update_selection_bias(indices, mask)
+        dense = ops.einsum(
+            "tk,tke->te", weights, ops.one_hot(indices, self.num_experts)
+        )
+        routing_losses = {}
+        if self.importance_weight > 0:
+            routing_losses["importance_loss"] = (
+                self.importance_weight * losses_lib.importance_loss(dense, mask)
+            )
+        if self.load_weight > 0 and top_k < self.num_experts:
+            routing_losses["noisy_load_loss"] = (
+                self.load_weight
+                * losses_lib.noisy_load_loss(
+                    clean, noisy, noise_std, top_k, mask
+                )
+            )
+        if self.dropout > 0:
+            weights = keras.random.dropout(
+                weights, self.dropout, seed=self.seed_generator
+            )
+        return {
+            "logits": clean,
+            "probs": probs,
+            "weights": weights,
+            "indices": indices,
+            "losses": routing_losses,
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "importance_weight": self.importance_weight,
+                "load_weight": self.load_weight,
+            }
+        )
+        return config
