@@ -620,18 +620,12 @@ def plot_curves(results, args, path):
 # --------------------------------------------------------------------------
 
 
-def _quiet_tensorflow_logs():
-    """Before TensorFlow starts: on a machine without an NVIDIA GPU its
-    CUDA probe logs `failed call to cuInit` as an error although nothing
-    failed, so show fatal messages only there (a `TF_CPP_MIN_LOG_LEVEL`
-    already set wins)."""
-    has_gpu = os.path.exists("/dev/nvidiactl")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if has_gpu else "3")
-
-
 def main(argv=None):
     args = parse_args(argv)
-    _quiet_tensorflow_logs()
+    # Before TensorFlow starts: without an NVIDIA GPU its CUDA probe logs
+    # `failed call to cuInit` as an error though nothing failed.
+    gpu = os.path.exists("/dev/nvidiactl")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu else "3")
 
     import keras
 

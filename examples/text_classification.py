@@ -67,15 +67,6 @@ def build_model(num_experts=4, top_k=2):
     return keras.Model(tokens, outputs, name="moe_text_classifier")
 
 
-def _quiet_tensorflow_logs():
-    """Before TensorFlow starts: on a machine without an NVIDIA GPU its
-    CUDA probe logs `failed call to cuInit` as an error although nothing
-    failed, so show fatal messages only there (a `TF_CPP_MIN_LOG_LEVEL`
-    already set wins)."""
-    has_gpu = os.path.exists("/dev/nvidiactl")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if has_gpu else "3")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=6)
@@ -86,7 +77,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=2)
     args = parser.parse_args(argv)
-    _quiet_tensorflow_logs()
+    # Before TensorFlow starts: without an NVIDIA GPU its CUDA probe logs
+    # `failed call to cuInit` as an error though nothing failed.
+    gpu = os.path.exists("/dev/nvidiactl")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu else "3")
 
     import keras
 

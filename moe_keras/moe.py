@@ -376,6 +376,10 @@ class MoE(keras.layers.Layer):
                 f"The experts output {self.experts.units} features but the "
                 f"layer has units={self.units}."
             )
+        if self.combine == "vote":
+            # Fails at build, not at the first predict, where a layer can
+            # never vote (regression or shared experts, expert choice).
+            voting.check_layer(self)
         if self.routing_statistics:
             self.statistics = statistics_lib.RoutingStatistics(
                 self, self.num_experts

@@ -23,7 +23,8 @@ def check_combine(combine):
     return _validation.one_of(combine, "combine", COMBINE_MODES)
 
 
-def _check_layer(layer):
+def check_layer(layer):
+    """Raises where `layer` cannot vote, whatever its inputs."""
     reasons = []
     if layer.gate.expert_choice:
         reasons.append("its experts choose tokens (ExpertChoiceGate)")
@@ -52,7 +53,7 @@ def vote(layer, x, routing, training):
         routing: the gate's routing dict for `x`.
         training: the call's training flag; voting applies at inference.
     """
-    _check_layer(layer)
+    check_layer(layer)
     if training:
         raise ValueError(
             f"MoE '{layer.name}' has combine='vote', which applies at "

@@ -183,6 +183,13 @@ def test_vote_errors_where_it_cannot_apply():
         MoE(3, 4, combine="vote")(x, training=True)
     with pytest.raises(ValueError, match="regression"):
         MoE(3, 1, combine="vote")(x)
+    # Known when the model is built, before any data.
+    with pytest.raises(ValueError, match="regression"):
+        keras.Sequential([keras.Input((5,)), MoE(3, 1, combine="vote")])
+    with pytest.raises(ValueError, match="shared experts"):
+        keras.Sequential(
+            [keras.Input((5,)), MoE(3, 4, combine="vote", num_shared_experts=1)]
+        )
     with pytest.raises(ValueError, match="combine"):
         MoE(3, 4, combine="majority")
     with pytest.raises(ValueError, match="per-feature"):

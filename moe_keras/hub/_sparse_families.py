@@ -388,6 +388,12 @@ class _SparseBackboneMixin:
     block_attribute = None
     hub_block = None
 
+    def __init__(self, *args, capacity_factor=None, **kwargs):
+        # The keras-hub backbone builds its functional graph first; the
+        # blocks are swapped in the built decoders after.
+        super().__init__(*args, **kwargs)
+        self._sparsify_blocks(capacity_factor)
+
     def _sparsify_blocks(self, capacity_factor):
         self.capacity_factor = _common.check_capacity_factor(capacity_factor)
         for decoder in self.transformer_layers:
@@ -429,10 +435,6 @@ class SparseMixtralBackbone(_SparseBackboneMixin, MixtralBackbone):
     hub_block = MixtralSparseMoeBlock
     make_block = staticmethod(_mixtral_block)
 
-    def __init__(self, *args, capacity_factor=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._sparsify_blocks(capacity_factor)
-
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class SparseQwenMoeBackbone(_SparseBackboneMixin, QwenMoeBackbone):
@@ -447,10 +449,6 @@ class SparseQwenMoeBackbone(_SparseBackboneMixin, QwenMoeBackbone):
     hub_block = QwenSparseMoeBlock
     make_block = staticmethod(_qwen_block)
 
-    def __init__(self, *args, capacity_factor=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._sparsify_blocks(capacity_factor)
-
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class SparseQwen3MoeBackbone(_SparseBackboneMixin, Qwen3MoeBackbone):
@@ -464,10 +462,6 @@ class SparseQwen3MoeBackbone(_SparseBackboneMixin, Qwen3MoeBackbone):
     block_attribute = "mlp"
     hub_block = Qwen3SparseMoeBlock
     make_block = staticmethod(_qwen3_block)
-
-    def __init__(self, *args, capacity_factor=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._sparsify_blocks(capacity_factor)
 
 
 # keras-hub backbone class -> its sparse subclass.
