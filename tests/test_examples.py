@@ -451,6 +451,11 @@ def test_train_script_accepts_top_k_none():
     assert train.build_parser().parse_args(["--top-k", "3"]).top_k == 3
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() == "jax",
+    reason="slow on JAX's eager compiles; tests/test_keras_hub.py covers "
+    "sparsify and upcycle on JAX",
+)
 def test_sparsify_keras_hub_example():
     pytest.importorskip("keras_hub")
     example = _load_example("sparsify_keras_hub")
