@@ -542,6 +542,19 @@ def configure_tensorflow():
         import tensorflow as tf
 
         tf.config.optimizer.set_experimental_options({"remapping": False})
+        tf.get_logger().addFilter(_NotManyModelsRetracing())
+
+
+class _NotManyModelsRetracing(logging.Filter):
+    """Drops TensorFlow's "N out of the last N calls ... triggered
+    tf.function retracing" warning. TensorFlow counts the traces of every
+    function made from the same code together, so the step functions of
+    the four models trained here (one trace each, a second for a partial
+    last batch) read to it as one function retracing; small runs, with
+    few steps between traces, then print it though nothing retraces."""
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
 
 
 def main(argv=None):

@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 
+from moe_keras import _validation
+
 
 def _moe_layers(model, caller):
     from moe_keras.moe import MoE
@@ -293,7 +295,9 @@ class ExpertPerformanceCallback(keras.callbacks.Callback):
             )
         self.validation_data = tuple(validation_data)
         self.metric = metric
-        self.batch_size = batch_size
+        self.batch_size = _validation.positive_int(
+            batch_size, "batch_size", allow_none=True
+        )
         self.history = {}
 
     def _layers(self, model):
@@ -315,12 +319,23 @@ class ExpertPerformanceCallback(keras.callbacks.Callback):
         """Scores every expert alone, sets the scores on the gates and
         returns them, `{layer name: [E] scores}`."""
         model = model if model is not None else self.model
+        if model is None:
+            raise ValueError(
+                "ExpertPerformanceCallback.measure() needs a model: pass "
+                "one, or use the callback in `fit`."
+            )
         x, y = self.validation_data
         measured = {}
         for layer in self._layers(model):
             gate = layer.gate
             kept = np.array(keras.ops.convert_to_numpy(gate.scores))
             scores = []
+            # Every token goes to one expert: the dense dispatch scores it
+            # on all of them, where an inference capacity would drop most.
+            dispatch = layer.dispatch
+            if layer.sparse:
+                layer.dispatch = "dense"
+                model.predict_function = None
             try:
                 for e in range(layer.num_experts):
                     gate.scores.assign(
@@ -332,6 +347,9 @@ class ExpertPerformanceCallback(keras.callbacks.Callback):
                     scores.append(float(self.metric(y, predictions)))
             finally:
                 gate.scores.assign(kept)
+                if layer.dispatch != dispatch:
+                    layer.dispatch = dispatch
+                    model.predict_function = None
             scores = np.asarray(scores, dtype="float32")
             if (
                 np.all(np.isfinite(scores))
@@ -345,12 +363,17 @@ class ExpertPerformanceCallback(keras.callbacks.Callback):
                     f"its scores; measured {scores.tolist()} (the weights "
                     "need finite scores >= 0, not all 0)."
                 )
-            self.history.setdefault(layer.name, []).append(scores)
+            earlier = self.history.get(layer.name)
+            self.history[layer.name] = (
+                scores[None]
+                if earlier is None
+                else np.concatenate([earlier, scores[None]])
+            )
             measured[layer.name] = scores
         return measured
 
+    def on_train_begin(self, logs=None):
+        self._layers(self.model)  # fails now, not after an epoch
+
     def on_epoch_end(self, epoch, logs=None):
         self.measure()
-
-    def on_train_end(self, logs=None):
-        self.history = {k: np.stack(v) for k, v in self.history.items()}

@@ -156,6 +156,26 @@ def dispatch_layout(experts_path):
     return DispatchLayout(mesh, expert_axis, data_axis)
 
 
+def replica_sum(value):
+    """`value` summed over the replicas of a `tf.distribute` strategy when
+    called in one of its replicas (inside `fit`'s step); `value` itself
+    elsewhere, where a step already sees its whole batch (one device, or
+    the Keras distribution API's global arrays)."""
+    if backend.backend() != "tensorflow":
+        return value
+    import tensorflow as tf
+
+    if (
+        not tf.distribute.has_strategy()
+        or tf.distribute.in_cross_replica_context()
+    ):
+        return value
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
 def _constrain(x, axes, layout):
     import jax
 

@@ -102,6 +102,15 @@ class MoE(keras.layers.Layer):
             device count to reproduce a sharded run on one device.
         load_balance_weight: float >= 0, weight of the load-balancing loss.
             Defaults to 0.01.
+        global_load_balance: bool. Under a `tf.distribute` strategy
+            (`MirroredStrategy`), count the balance loss's expert
+            fractions `f` over the global batch, summed across replicas
+            (one all-reduce of E + 1 numbers per layer and step), instead
+            of each replica's own; each replica keeps its own `P`, so the
+            mean of the replicas' gradients is that of the global batch's
+            loss. Defaults to `False` (per replica, as Switch's per-core
+            groups). Without such a strategy the loss already counts the
+            whole batch, and this changes nothing.
         z_loss_weight: float >= 0, weight of the router z-loss.
             Defaults to 0.001.
         routing_statistics: bool, keep `layer.statistics`. Defaults to
@@ -162,6 +171,7 @@ class MoE(keras.layers.Layer):
         eval_capacity_factor=None,
         token_groups=None,
         load_balance_weight=0.01,
+        global_load_balance=False,
         z_loss_weight=0.001,
         routing_statistics=True,
         log_expert_load=False,
@@ -251,11 +261,12 @@ class MoE(keras.layers.Layer):
         self.load_balance_weight = _validation.non_negative_float(
             load_balance_weight, "load_balance_weight"
         )
+        self.global_load_balance = bool(global_load_balance)
         self.z_loss_weight = _validation.non_negative_float(
             z_loss_weight, "z_loss_weight"
         )
         self.gate = gates_lib.get(gate, self.num_experts, self.units)
-        self.combine = voting.check_combine(combine)
+        self.combine = combine
         self._check_routing()
 
         self.num_shared_experts = _validation.non_negative_int(
@@ -334,6 +345,20 @@ class MoE(keras.layers.Layer):
                 "expert weights; with a list of `experts` set a "
                 "`capacity_factor` or use dispatch='dense'."
             )
+
+    @property
+    def combine(self):
+        """`"weighted"` or `"vote"`. Set it before the model's first
+        `predict` (or make a new predict function), as any attribute a
+        compiled step reads."""
+        return self._combine
+
+    @combine.setter
+    def combine(self, value):
+        value = voting.check_combine(value)
+        if value == "vote" and self.built:
+            voting.check_layer(self)
+        self._combine = value
 
     @property
     def sparse(self):
@@ -690,6 +715,11 @@ class MoE(keras.layers.Layer):
                         chosen,
                         self.num_experts,
                         mask=valid,
+                        total=(
+                            distribution_lib.replica_sum
+                            if self.global_load_balance
+                            else None
+                        ),
                     )
                 )
             if self.z_loss_weight > 0:
@@ -734,6 +764,7 @@ class MoE(keras.layers.Layer):
                 "eval_capacity_factor": self.eval_capacity_factor,
                 "token_groups": self.token_groups,
                 "load_balance_weight": self.load_balance_weight,
+                "global_load_balance": self.global_load_balance,
                 "z_loss_weight": self.z_loss_weight,
                 "routing_statistics": self.routing_statistics,
                 "log_expert_load": self.log_expert_load,

@@ -3,6 +3,10 @@
 Each expert of a classifier MoE votes for its argmax class; the layer
 outputs the share of the votes each class got, counted with the gate's
 weights, so `argmax` of the output is the (weighted) majority's class.
+A vote counts with weight `max(g, 0)`: a gate function that can go
+negative (tanh) never takes a vote away. Where no voting expert has a
+positive weight (a ReLU gate at 0), each of them counts once, a plain
+majority. Ties go to the lower class index, as `argmax` breaks them.
 """
 
 from keras import ops
@@ -30,6 +34,11 @@ def check_layer(layer):
         reasons.append("its experts choose tokens (ExpertChoiceGate)")
     if layer.shared_experts is not None:
         reasons.append("it has shared experts, which do not vote")
+    if getattr(layer.gate, "per_feature", False):
+        reasons.append(
+            "its gate (FeatureGate) gives per-feature weights, not one "
+            "weight per expert"
+        )
     if layer.units is not None and layer.units < 2:
         reasons.append(
             f"its experts output units={layer.units} value: a vote needs "
@@ -63,21 +72,24 @@ def vote(layer, x, routing, training):
             "config and weights)."
         )
     weights, indices = routing["weights"], routing.get("indices")
-    if len(weights.shape) == 3:
-        raise ValueError(
-            f"MoE '{layer.name}': combine='vote' needs one weight per "
-            "expert; a per-feature gate (FeatureGate) gives one per "
-            "feature. Use combine='weighted'."
-        )
+    weights = ops.maximum(ops.cast(weights, "float32"), 0.0)
+    voters = ops.ones_like(weights)
     if indices is not None:
         # [T, k] -> [T, E]: the experts off the top-k do not vote.
         weights = dispatch_lib.scatter_weights(
             weights, indices, layer.num_experts
+        )
+        voters = dispatch_lib.scatter_weights(
+            voters, indices, layer.num_experts
         )
     outputs = layer.experts(x)  # [T, E, classes]
     classes = ops.shape(outputs)[-1]
     ballots = ops.one_hot(
         ops.argmax(outputs, axis=-1), classes, dtype="float32"
     )  # [T, E, classes]
-    tally = ops.einsum("te,tec->tc", ops.cast(weights, "float32"), ballots)
+    tally = ops.einsum("te,tec->tc", weights, ballots)
+    total = ops.sum(tally, axis=-1, keepdims=True)
+    # No positive weight at a position: every voter counts once there.
+    majority = ops.einsum("te,tec->tc", voters, ballots)
+    tally = ops.where(total > 0, tally, majority)
     return tally / ops.maximum(ops.sum(tally, axis=-1, keepdims=True), 1e-30)

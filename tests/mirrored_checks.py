@@ -52,8 +52,16 @@ def _data():
     return x, rng.normal(size=(32, 1)).astype("float32")
 
 
+_STRATEGY = []
+
+
 def _strategy():
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # One strategy for the module: a second one in the same process
+    # starts its collectives' keys anew, and TensorFlow can then match an
+    # all-reduce of one strategy with one of the other's.
+    if not _STRATEGY:
+        _STRATEGY.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    return _STRATEGY[0]
 
 
 def _numpy(variables):
@@ -96,6 +104,29 @@ def test_capacity_per_replica_is_token_groups_per_replica():
         _numpy(model.trainable_weights), _numpy(reference.trainable_weights)
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_global_load_balance_is_one_device_with_token_groups():
+    # Each replica routes its own half (capacity per replica), but the
+    # balance loss counts the experts' fractions over both halves: the
+    # mean update is then one device's over the whole batch in 2 groups.
+    x, y = _data()
+    kwargs = dict(load_balance_weight=0.5, z_loss_weight=0.01)
+    with _strategy().scope():
+        model = _model(global_load_balance=True, **kwargs)
+        per_replica = _model(**kwargs)
+    for m in (model, per_replica):
+        m.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    reference = _model(token_groups=2, **kwargs)
+    reference.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(
+        _numpy(model.trainable_weights), _numpy(reference.trainable_weights)
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Per replica, the router's update differs (the test above gives it).
+    router = model.get_layer("moe").gate.trainable_weights[0]
+    other = per_replica.get_layer("moe").gate.trainable_weights[0]
+    assert not np.allclose(router.numpy(), other.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_routing_metrics_count_every_replica_batch():

@@ -137,6 +137,28 @@ def test_fit_with_a_partial_batch_and_save_load(tmp_path):
     )
 
 
+def test_global_load_balance_is_the_batch_loss_on_one_device():
+    # Without a tf.distribute strategy the step sees the whole batch: the
+    # option must leave the loss (and so training) as it is, and persist.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 7, 6)).astype("float32")
+    mask = keras.ops.convert_to_tensor(rng.random((3, 7)) > 0.3)
+    plain = MoE(4, 5, top_k=2, load_balance_weight=1.0, z_loss_weight=0.0)
+    global_ = MoE.from_config(
+        {**plain.get_config(), "global_load_balance": True}
+    )
+    assert global_.get_config()["global_load_balance"] is True
+    plain(x[:1])
+    global_(x[:1])
+    global_.set_weights(plain.get_weights())
+    losses = []
+    for layer in (plain, global_):
+        layer(x, training=True, mask=mask)
+        losses.append(keras.ops.convert_to_numpy(sum(layer.losses)))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    assert losses[0] > 0.5  # the balance loss is near 1 for any routing
+
+
 def test_token_groups_is_checked():
     with pytest.raises(TypeError, match="token_groups"):
         MoE(4, 8, top_k=2, token_groups=2.5)

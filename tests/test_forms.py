@@ -150,6 +150,62 @@ def test_performance_callback_measures_each_expert_alone():
         ExpertPerformanceCallback((x, y), metric="f1")
 
 
+def test_performance_callback_is_reusable_and_ignores_capacity():
+    # An inference capacity would drop most tokens when all go to one
+    # expert; the callback measures each expert on every token.
+    x, y = _x((12, 5)), np.random.RandomState(2).randint(0, 4, 12)
+    moe = MoE(
+        3,
+        4,
+        gate=PerformanceGate(),
+        top_k=2,
+        eval_capacity_factor=0.5,
+        name="moe",
+    )
+    model = keras.Sequential([keras.Input((5,)), moe])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    _randomize(model)
+    callback = ExpertPerformanceCallback(validation_data=(x, y), batch_size=4)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    expected = (
+        reference.experts_forward(moe.experts, x).argmax(-1) == y[:, None]
+    ).mean(0)
+    np.testing.assert_allclose(callback.history["moe"][-1], expected)
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+    assert callback.history["moe"].shape == (3, 3)
+    assert moe.dispatch == "auto" and moe.sparse  # restored
+    with pytest.raises(ValueError, match="needs a model"):
+        ExpertPerformanceCallback((x, y)).measure()
+    with pytest.raises(TypeError, match="batch_size"):
+        ExpertPerformanceCallback((x, y), batch_size="a")
+    # A model without a PerformanceGate fails before it trains.
+    plain = keras.Sequential([keras.Input((5,)), MoE(3, 4)])
+    plain.compile("sgd", "mse")
+    before = [_np(w) for w in plain.weights]
+    with pytest.raises(ValueError, match="PerformanceGate"):
+        plain.fit(x, _x((12, 4)), verbose=0, callbacks=[callback])
+    for w, b in zip(plain.weights, before):
+        np.testing.assert_array_equal(_np(w), b)
+
+
+def test_options_that_cannot_act_are_errors():
+    for gate_cls, kwargs in [
+        (PerformanceGate, dict(use_bias=True)),
+        (PerformanceGate, dict(jitter=0.1)),
+        (UniformGate, dict(use_bias=True)),
+        (FeatureGate, dict(input_dependent=False, jitter=0.1)),
+    ]:
+        option = next(iter(set(kwargs) - {"input_dependent"}))
+        with pytest.raises(ValueError, match=option):
+            gate_cls(**kwargs)
+    # A file saved when they were accepted (and ignored) still loads.
+    config = PerformanceGate(num_experts=3).get_config()
+    gate = PerformanceGate.from_config({**config, "use_bias": True})
+    assert gate.use_bias is False
+    with pytest.raises(TypeError, match=r"SoftmaxGate\(\)"):
+        MoE(3, 4, gate=SoftmaxGate)
+
+
 # --------------------------------------------------------------------------
 # Voting fusion
 # --------------------------------------------------------------------------
@@ -177,6 +233,37 @@ def test_vote_is_weighted_majority_of_expert_argmax(kwargs):
     np.testing.assert_array_equal(_np(layer(x)).argmax(-1), tally.argmax(-1))
 
 
+def test_vote_counts_positive_weights_and_falls_back_to_majority():
+    # tanh weights can be negative: they count as 0, never against a
+    # class; where no voter has a positive weight, each counts once.
+    layer = MoE(4, 3, gate=keras.activations.tanh, combine="vote")
+    x = _x((16, 5))
+    layer(x)
+    _randomize(layer)
+    kernel = _np(layer.gate.kernel)
+    kernel = -np.abs(kernel)
+    layer.gate.kernel.assign(kernel)
+    x[:8] = np.abs(x[:8])  # rows 0-7: every logit, so every weight, < 0
+    weights = np.maximum(np.tanh(x @ kernel), 0.0)
+    ballots = np.eye(3)[reference.experts_forward(layer.experts, x).argmax(-1)]
+    tally = np.einsum("te,tec->tc", weights, ballots)
+    majority = ballots.sum(1)
+    tally = np.where(tally.sum(-1, keepdims=True) > 0, tally, majority)
+    assert (weights.sum(-1) == 0).any() and (weights.sum(-1) > 0).any()
+    _close(layer(x), tally / tally.sum(-1, keepdims=True))
+
+
+def test_combine_is_checked_when_set():
+    layer = MoE(3, 4, top_k=2)
+    with pytest.raises(ValueError, match="combine"):
+        layer.combine = "votes"
+    regression = MoE(3, 1)
+    regression.build((None, 5))
+    with pytest.raises(ValueError, match="regression"):
+        regression.combine = "vote"
+    assert regression.combine == "weighted"
+
+
 def test_vote_errors_where_it_cannot_apply():
     x = _x((8, 5))
     with pytest.raises(ValueError, match="inference only"):
@@ -193,7 +280,12 @@ def test_vote_errors_where_it_cannot_apply():
     with pytest.raises(ValueError, match="combine"):
         MoE(3, 4, combine="majority")
     with pytest.raises(ValueError, match="per-feature"):
-        MoE(3, 4, combine="vote", gate=FeatureGate(), top_k=2)(x)
+        keras.Sequential(
+            [
+                keras.Input((5,)),
+                MoE(3, 4, combine="vote", gate=FeatureGate(), top_k=2),
+            ]
+        )
 
 
 # --------------------------------------------------------------------------
@@ -258,6 +350,28 @@ def test_gate_function_matches_numpy(gate, fn):
     if layer.gate.bias is not None:
         logits = logits + _np(layer.gate.bias)
     _close(layer(x), _combine(fn(logits), layer, x))
+
+
+@keras.saving.register_keras_serializable(package="test_forms")
+def _doubled_relu(logits):
+    return keras.ops.relu(logits) * 2.0
+
+
+@pytest.mark.filterwarnings("ignore:The object being serialized includes")
+@pytest.mark.parametrize("own", ["registered", "lambda"])
+def test_own_gate_function_saves_and_loads(own, tmp_path):
+    fn = _doubled_relu if own == "registered" else (lambda z: z * z - 0.5)
+    model = keras.Sequential([keras.Input((5,)), MoE(3, 4, gate=fn)])
+    x = _x((6, 5))
+    expected = model.predict(x, verbose=0)
+    path = os.path.join(tmp_path, "own.keras")
+    model.save(path)
+    safe_mode = own == "registered"
+    reloaded = keras.saving.load_model(path, safe_mode=safe_mode)
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), expected)
+    if own == "lambda":  # Keras' rule for code in a file
+        with pytest.raises((TypeError, ValueError), match="safe_mode"):
+            keras.saving.load_model(path)
 
 
 def test_bad_gate_is_a_clear_error():

@@ -203,6 +203,20 @@ def test_sparsify_rejects_bad_input():
         sparsify(sparsify(backbone))
 
 
+class _MyMixtral(keras_hub.models.MixtralBackbone):
+    pass
+
+
+def test_subclasses_and_upcycled_models_are_named():
+    config = _mixtral().get_config()
+    with pytest.raises(ValueError, match="_MyMixtral, a subclass of Mixtral"):
+        sparsify(_MyMixtral.from_config(config))
+    llama = keras_hub.models.LlamaBackbone(intermediate_dim=32, **COMMON)
+    upcycled = upcycle(llama, num_experts=2)
+    with pytest.raises(ValueError, match="upcycled by `moe_keras.upcycle`"):
+        sparsify(upcycled)
+
+
 def test_sparsify_dense_model_names_it():
     llama = keras_hub.models.LlamaBackbone(intermediate_dim=32, **COMMON)
     with pytest.raises(ValueError, match="LlamaBackbone.*upcycle"):
@@ -275,6 +289,12 @@ def _built(layer, features=8):
     return layer
 
 
+def _functional_ffn():
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(16, activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(8)(hidden))
+
+
 class _Residual(keras.layers.Layer):
     """An FFN of the user's own: `x + relu(x W)`."""
 
@@ -303,8 +323,15 @@ class _Residual(keras.layers.Layer):
         ),
         (lambda: _built(_Residual()), None),
         (lambda: _built(_Residual()), 4.0),
+        (lambda: _functional_ffn(), None),
     ],
-    ids=["dense", "sequential", "custom-dense-dispatch", "custom-sparse"],
+    ids=[
+        "dense",
+        "sequential",
+        "custom-dense-dispatch",
+        "custom-sparse",
+        "functional",
+    ],
 )
 def test_upcycled_layer_equals_dense(make, capacity_factor):
     keras.utils.set_random_seed(5)
@@ -354,6 +381,11 @@ def test_upcycle_rejects_bad_input():
     llama = keras_hub.models.LlamaBackbone(intermediate_dim=32, **COMMON)
     with pytest.raises(TypeError, match="num_experts"):
         upcycle(llama, num_experts=2.5)
+    # NumPy numbers are numbers.
+    moe = upcycle(
+        dense, num_experts=np.int64(2), noise=np.float32(0.1), seed=np.int32(3)
+    )
+    assert moe.num_experts == 2
     with pytest.raises(ValueError, match="capacity_factor"):
         upcycle(llama, num_experts=2, capacity_factor=-1.0)
     with pytest.raises(ValueError, match="MixtralBackbone.*upcycle"):

@@ -149,12 +149,18 @@ class Gate(keras.layers.Layer):
         self.hidden_units = _validation.positive_int(
             hidden_units, "hidden_units", allow_none=True
         )
-        if self.hidden_units is not None and not self.scores_inputs:
-            raise ValueError(
-                f"`hidden_units` makes an MLP router of the inputs, but "
-                f"{type(self).__name__} does not score its inputs; received "
-                f"hidden_units={hidden_units}."
-            )
+        if not self.scores_inputs:
+            for option, value, unset in (
+                ("hidden_units", self.hidden_units, None),
+                ("use_bias", self.use_bias, False),
+                ("jitter", self.jitter, 0.0),
+            ):
+                if value != unset:
+                    raise ValueError(
+                        f"`{option}` acts on a router of the inputs, but "
+                        f"{type(self).__name__} does not score its inputs; "
+                        f"received {option}={value!r}."
+                    )
         self.hidden_activation = keras.activations.get(hidden_activation)
         self.normalize_top_k = optional_bool(normalize_top_k, "normalize_top_k")
         # Only gates that draw random numbers carry a seed state.
@@ -321,6 +327,17 @@ class Gate(keras.layers.Layer):
             return super().compute_output_spec(inputs, routing=True, **kwargs)
         shape = tuple(inputs.shape[:-1]) + (self.num_experts,)
         return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+    @classmethod
+    def from_config(cls, config):
+        scores_inputs = cls.scores_inputs
+        if not isinstance(scores_inputs, bool):  # decided per instance
+            scores_inputs = config.get("input_dependent", True)
+        if not scores_inputs:
+            # Files saved before these options were rejected here carry
+            # them; they never acted, so they load as they computed.
+            config = {**config, "use_bias": False, "jitter": 0.0}
+        return super().from_config(config)
 
     def get_config(self):
         config = super().get_config()

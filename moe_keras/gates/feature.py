@@ -39,6 +39,8 @@ class FeatureGate(SoftmaxGate):
     (2, 3, 4)
     """
 
+    per_feature = True  # weights `[T, E, units]`, not `[T, E]`
+
     def __init__(
         self, num_experts=None, units=None, input_dependent=True, **kwargs
     ):

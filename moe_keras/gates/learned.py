@@ -94,6 +94,16 @@ class ActivationGate(Gate):
 
     def __init__(self, num_experts=None, activation="sigmoid", **kwargs):
         super().__init__(num_experts=num_experts, **kwargs)
+        if isinstance(activation, dict):
+            # A saved function: Keras finds it (registered, or a lambda
+            # under `safe_mode=False`) or says why it cannot.
+            if activation.get("class_name") == "__lambda__":
+                self.activation = keras.saving.deserialize_keras_object(
+                    activation
+                )
+            else:
+                self.activation = keras.activations.deserialize(activation)
+            return
         if activation is None or not (
             isinstance(activation, str) or callable(activation)
         ):
@@ -117,7 +127,14 @@ class ActivationGate(Gate):
 
     def get_config(self):
         config = super().get_config()
-        config["activation"] = keras.activations.serialize(self.activation)
+        if getattr(self.activation, "__name__", None) == "<lambda>":
+            # Keras' activation format keeps a lambda's code but not the
+            # marker that lets it load again (`safe_mode=False`).
+            config["activation"] = keras.saving.serialize_keras_object(
+                self.activation
+            )
+        else:
+            config["activation"] = keras.activations.serialize(self.activation)
         return config
 
 

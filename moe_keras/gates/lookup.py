@@ -37,6 +37,12 @@ def get(identifier, num_experts, units=None):
         identifier = keras.saving.deserialize_keras_object(identifier)
     if isinstance(identifier, str):
         return _from_name(identifier, num_experts)
+    if isinstance(identifier, type):
+        raise TypeError(
+            "`gate` must be a gate instance, not a class: write "
+            f"gate={identifier.__name__}() (with its arguments); received "
+            f"gate={identifier!r}."
+        )
     if not isinstance(identifier, Gate):
         if callable(identifier) and not isinstance(
             identifier, keras.layers.Layer

@@ -86,7 +86,11 @@ class PerformanceGate(Gate):
     `top_k=k` the k best-scored experts are used, weighted by their
     scores renormalised over the k (`normalize_top_k=False` keeps
     `p_e / sum_j p_j` over all experts instead). No auxiliary loss
-    applies (nothing here is learned).
+    applies (nothing here is learned). The selection does not depend on
+    the input, so with `top_k` only the k selected experts run and train:
+    train with `top_k=None` (every expert learns, weighted by its score)
+    until the scores are measured, or give scores from elsewhere; equal
+    scores select the first k experts.
 
     Args:
         scores: optional list of E non-negative numbers, not all zero.

@@ -8,6 +8,7 @@ needs it.
 import keras
 import numpy as np
 
+from moe_keras import _validation
 from moe_keras.hub._gate import TopKSoftmaxGate
 from moe_keras.moe import MoE
 
@@ -185,30 +186,15 @@ def check_capacity_factor(capacity_factor):
 
 def check_upcycle_options(num_experts, top_k, capacity_factor, lb, z):
     """The upcycling options, validated, as a config dict."""
-    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(
-                f"`{name}` must be an int >= 1; received {name}={value!r}."
-            )
-        if value < 1:
-            raise ValueError(
-                f"`{name}` must be an int >= 1; received {name}={value!r}."
-            )
+    num_experts = _validation.positive_int(num_experts, "num_experts")
+    top_k = _validation.positive_int(top_k, "top_k")
     if top_k > num_experts:
         raise ValueError(
             f"`top_k` must be in [1, num_experts={num_experts}]; received "
             f"top_k={top_k}."
         )
-    for name, value in (("load_balance_weight", lb), ("z_loss_weight", z)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(
-                f"`{name}` must be a float >= 0; received {name}={value!r}."
-            )
-        if not value >= 0 or value == float("inf"):
-            raise ValueError(
-                f"`{name}` must be a finite float >= 0; received "
-                f"{name}={value!r}."
-            )
+    lb = _validation.non_negative_float(lb, "load_balance_weight")
+    z = _validation.non_negative_float(z, "z_loss_weight")
     return {
         "num_experts": num_experts,
         "top_k": top_k,
@@ -216,3 +202,23 @@ def check_upcycle_options(num_experts, top_k, capacity_factor, lb, z):
         "load_balance_weight": float(lb),
         "z_loss_weight": float(z),
     }
+
+
+def family_class(backbone, classes, function):
+    """`classes[type(backbone)]`, or `None`; a subclass of a covered class
+    is a `ValueError`: its own code may change what the blocks compute,
+    which a conversion copying the blocks' weights would not see."""
+    found = classes.get(type(backbone))
+    if found is not None:
+        return found
+    for covered in classes:
+        if isinstance(backbone, covered):
+            raise ValueError(
+                f"`model`'s backbone is a {type(backbone).__name__}, a "
+                f"subclass of {covered.__name__}: `moe_keras.{function}` "
+                f"converts {covered.__name__} itself, as a subclass may "
+                "change what its blocks compute. Convert a "
+                f"{covered.__name__} built from the same config and "
+                "weights."
+            )
+    return None

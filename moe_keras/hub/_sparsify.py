@@ -95,7 +95,17 @@ def sparsify(model, *, capacity_factor=None):
             f"`model` ('{model.name}') is already sparse: its backbone is a "
             f"{type(backbone).__name__}."
         )
-    sparse_class = families.SPARSE_BACKBONES.get(type(backbone))
+    from moe_keras.hub import _upcycle_families
+
+    if isinstance(backbone, _upcycle_families._UpcycledBackboneMixin):
+        raise ValueError(
+            f"`model` ('{model.name}') was upcycled by `moe_keras.upcycle`: "
+            f"its FFNs are `moe_keras.MoE` layers already (a "
+            f"{type(backbone).__name__})."
+        )
+    sparse_class = _common.family_class(
+        backbone, families.SPARSE_BACKBONES, "sparsify"
+    )
     if sparse_class is None:
         _raise_not_covered(backbone)
     new_backbone = sparse_class.from_config(

@@ -2,6 +2,7 @@
 upcycling, Komatsuzaki et al. 2022)."""
 
 import math
+import numbers
 import sys
 
 import keras
@@ -90,11 +91,12 @@ def upcycle(
     """
     noise = _check_noise(noise)
     if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, int)
+        isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
     ):
         raise TypeError(
             f"`seed` must be an int or None; received seed={seed!r}."
         )
+    seed = None if seed is None else int(seed)
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(
             "`model` must be a keras-hub backbone or task model, or a Keras "
@@ -110,7 +112,7 @@ def upcycle(
 
 
 def _check_noise(noise):
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)):
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real):
         raise TypeError(
             f"`noise` must be a float >= 0; received noise={noise!r}."
         )
@@ -162,7 +164,9 @@ def _upcycle_keras_hub(model, options, noise, seed):
             f"`model` ('{model.name}') is already upcycled: its backbone is "
             f"a {type(backbone).__name__}."
         )
-    upcycled_class = families.UPCYCLED_BACKBONES.get(type(backbone))
+    upcycled_class = _common.family_class(
+        backbone, families.UPCYCLED_BACKBONES, "upcycle"
+    )
     if upcycled_class is None:
         covered = ", ".join(c.__name__ for c in families.UPCYCLED_BACKBONES)
         raise ValueError(
@@ -284,12 +288,7 @@ def _upcycle_layer(layer, options, noise, seed):
                     target, _copies(numpy(source), num_experts, noise, rng)
                 )
     else:
-        build_config = layer.get_build_config()
-        if not build_config or "input_shape" not in build_config:
-            raise ValueError(
-                f"Cannot tell the input shape of `model` (the layer "
-                f"'{layer.name}'): build it with `layer.build(shape)`."
-            )
+        build_config = {"input_shape": _input_shape(layer)}
         clones = [_clone(layer, build_config) for _ in range(num_experts)]
         for clone in clones:
             clone.set_weights(
@@ -304,6 +303,23 @@ def _upcycle_layer(layer, options, noise, seed):
         moe.build(tuple(build_config["input_shape"]))
     _init_router(moe, seed)
     return moe
+
+
+def _input_shape(layer):
+    """The shape `layer` was built for: a functional model's inputs, or
+    what `build` received."""
+    if (
+        isinstance(layer, keras.Model)
+        and len(getattr(layer, "inputs", None) or []) == 1
+    ):
+        return tuple(layer.inputs[0].shape)
+    shape = (layer.get_build_config() or {}).get("input_shape")
+    if shape is None:
+        raise ValueError(
+            f"Cannot tell the input shape of `model` (the layer "
+            f"'{layer.name}'): build it with `layer.build(shape)`."
+        )
+    return tuple(shape)
 
 
 def _clone(layer, build_config):
