@@ -243,8 +243,10 @@ def _step(model, x, y):
     return model.train_on_batch(x, y)
 
 
-def _time_variants(variants, cfg, steps):
-    """Median and fastest step of each variant, timed in turns."""
+def _time_variants(variants, cfg, steps, train_on_batch=False):
+    """Median and fastest step of each variant, timed in turns; with
+    `train_on_batch`, also the median `train_on_batch` call (which resets
+    the model's metrics after the step), timed in the same rounds."""
     import numpy as np
 
     x, y = _data(cfg)
@@ -258,16 +260,23 @@ def _time_variants(variants, cfg, steps):
             times[variant] = {"error": f"{type(error).__name__}: {error}"}
             models.pop(variant, None)
     samples = {variant: [] for variant in models}
+    tob = {variant: [] for variant in models}
     for _ in range(steps):
         for variant, model in models.items():
             start = time.perf_counter()
             _step(model, x, y)
             samples[variant].append(time.perf_counter() - start)
+            if train_on_batch:
+                start = time.perf_counter()
+                model.train_on_batch(x, y)
+                tob[variant].append(time.perf_counter() - start)
     for variant, values in samples.items():
         times[variant] = {
             "step_ms": 1000 * float(np.median(values)),
             "min_ms": 1000 * float(np.min(values)),
         }
+        if train_on_batch:
+            times[variant]["tob_ms"] = 1000 * float(np.median(tob[variant]))
     return times
 
 
@@ -339,6 +348,16 @@ def main(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype-policy", default=None)
+    parser.add_argument(
+        "--train-on-batch",
+        action="store_true",
+        help="also time train_on_batch, in the same rounds",
+    )
+    parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the memory processes (one compile per variant each)",
+    )
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config_names = args.configs.split(",")
@@ -382,20 +401,34 @@ def main(argv=None):
             + (f" policy={args.dtype_policy}" if args.dtype_policy else "")
         )
         variants = args.variants.split(",")
-        memory = {v: _memory(v, name, args.dtype_policy) for v in variants}
-        results = _time_variants(variants, cfg, args.steps)
+        memory = {
+            v: (
+                {"error": "not measured"}
+                if args.no_memory
+                else _memory(v, name, args.dtype_policy)
+            )
+            for v in variants
+        }
+        results = _time_variants(variants, cfg, args.steps, args.train_on_batch)
         base = results.get("ffn", {}).get("step_ms")
         hub = results.get("keras-hub", {}).get("step_ms")
+        tob_base = results.get("ffn", {}).get("tob_ms")
+        tob_head = " train_on_batch ms | tob x FFN | tob - FFN ms |"
         print(
             "| variant | step ms (median) | fastest ms | x FFN | "
             "keras-hub / this | useful TFLOP/s | peak RSS MB | "
             "RSS growth in steps MB | XLA temp MB |"
+            + (tob_head if args.train_on_batch else "")
         )
-        print("|---|---|---|---|---|---|---|---|---|")
+        columns = 9 + (3 if args.train_on_batch else 0)
+        print("|" + "---|" * columns)
         for variant in variants:
             r, m = results[variant], memory[variant]
             if "error" in r:
-                print(f"| {variant} | failed: {r['error'][:80]} |" + " |" * 7)
+                print(
+                    f"| {variant} | failed: {r['error'][:80]} |"
+                    + " |" * (columns - 2)
+                )
                 continue
             ms = r["step_ms"]
             ratio = f"{ms / base:.2f}" if base else "-"
@@ -407,9 +440,17 @@ def main(argv=None):
                 mem = f"{m['peak_rss_mb']:.0f} | {m['step_rss_mb']:.0f} | " + (
                     f"{temp:.0f} |" if temp is not None else "- |"
                 )
+            tob = ""
+            if args.train_on_batch:
+                t = r["tob_ms"]
+                tob = (
+                    f" {t:.1f} | {t / tob_base:.2f} | {t - tob_base:+.1f} |"
+                    if tob_base
+                    else f" {t:.1f} | - | - |"
+                )
             print(
                 f"| {variant} | {ms:.1f} | {r['min_ms']:.1f} | {ratio} | "
-                f"{speedup} | {flops / ms / 1e9:.3f} | " + mem
+                f"{speedup} | {flops / ms / 1e9:.3f} | " + mem + tob
             )
 
 

@@ -109,7 +109,12 @@ class ExpertLoadCallback(keras.callbacks.Callback):
     received (the mean gate distribution for a dense mixture). Without
     `data` it is the layer's routing statistics averaged over the epoch's
     training batches, on any backend and with no extra forward pass; with
-    `data`, it is measured on that fixed batch at the end of each epoch.
+    `data`, it is measured on those inputs at the end of each epoch by
+    one `predict` of the model, which routes them as inference does
+    (masks, `routing_ids` inputs and all; the layers' inference
+    statistics are put back afterwards). Layers made with
+    `routing_statistics=False` are probed by their gate alone, on their
+    inputs without masks or routing ids.
 
     `history` maps each layer's name to a `[epochs, experts]` array.
 
@@ -134,9 +139,10 @@ class ExpertLoadCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._layers = _moe_layers(self.model, "ExpertLoadCallback")
         self.history = {layer.name: [] for layer in self._layers}
+        self._probe = None
         if self.data is None:
             _tracked(self._layers, "ExpertLoadCallback without `data`")
-        else:
+        elif any(layer.statistics is None for layer in self._layers):
             self._probe = keras.Model(
                 self.model.inputs, [layer.input for layer in self._layers]
             )
@@ -152,7 +158,29 @@ class ExpertLoadCallback(keras.callbacks.Callback):
                 ) from error
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
+    def _predicted_loads(self):
+        """Each layer's load over `data`, from its own inference record."""
+        kept = [layer.statistics.snapshot("eval") for layer in self._layers]
+        try:
+            for layer in self._layers:
+                layer.statistics.reset("eval")
+            # One batch: the record averages batches, and the load of the
+            # probe is its assignments' share over all its tokens.
+            first = keras.tree.flatten(self.data)[0]
+            self.model.predict(
+                self.data, batch_size=max(len(first), 1), verbose=0
+            )
+            return [
+                layer.statistics.result("eval")["expert_load"]
+                for layer in self._layers
+            ]
+        finally:
+            for layer, values in zip(self._layers, kept):
+                layer.statistics.restore("eval", values)
+
     def _probe_loads(self):
+        if self._probe is None:
+            return self._predicted_loads()
         inputs = self._probe.predict(self.data, verbose=0)
         if len(self._layers) == 1:
             inputs = [inputs]
@@ -165,12 +193,12 @@ class ExpertLoadCallback(keras.callbacks.Callback):
         return loads
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._probe is None:
+        if self.data is None:
             for layer in self._layers:
                 layer.statistics.reset("train")
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._probe is not None:
+        if self.data is not None:
             loads = self._probe_loads()
         else:
             loads = [

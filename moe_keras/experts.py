@@ -28,8 +28,30 @@ def _per_expert_initializer(initializer, num_experts):
     return initializer
 
 
-# Up to this many experts, grouped calls run one matmul per expert.
+# Up to this many experts, grouped calls on a CPU run one matmul per
+# expert.
 _UNROLL_EXPERTS = 8
+
+
+def _on_cpu():
+    """Whether the backend computes on the host CPU (no GPU or TPU).
+
+    Read at trace time, where it decides the form of the expert matmuls.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.config.list_logical_devices("GPU")
+    if backend == "torch":
+        import torch
+
+        return not torch.cuda.is_available()
+    return True
 
 
 def _swiglu_grad(h, upstream, weights=None):
@@ -306,7 +328,10 @@ class DenseExperts(keras.layers.Layer):
                 # A few large matmuls, one per expert, measured faster than
                 # one batched matmul on CPU (XLA runs them as independent,
                 # multithreaded ops); past 8 experts the batched form wins.
-                batched = self.num_experts > _UNROLL_EXPERTS
+                # A GPU or TPU runs the batched form as one kernel, where
+                # the loop adds a slice copy per expert (a GPU profile of
+                # the loop showed them), so there it is always batched.
+                batched = self.num_experts > _UNROLL_EXPERTS or not _on_cpu()
             return self._grouped(
                 inputs, group_experts, group_weights, custom, batched
             )

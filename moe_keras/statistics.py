@@ -123,6 +123,18 @@ class RoutingStatistics:
         out["expert_load"] = load / max(batches, 1.0)
         return out
 
+    def snapshot(self, phase):
+        """One phase's variable values, NumPy, for `restore`."""
+        return {
+            name: np.array(ops.convert_to_numpy(variable))
+            for name, variable in self._variables[_phase(phase)].items()
+        }
+
+    def restore(self, phase, values):
+        """Puts back the values `snapshot` took."""
+        for name, variable in self._variables[_phase(phase)].items():
+            variable.assign(values[name])
+
     def reset(self, phase=None):
         """Zeroes one phase's statistics, or both with `phase=None`."""
         for name in PHASES if phase is None else (_phase(phase),):

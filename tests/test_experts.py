@@ -100,6 +100,9 @@ def _central_differences(f, value, eps=1e-5):
     return grads.reshape(value.shape)
 
 
+@pytest.mark.parametrize(
+    "batched", [False, True], ids=["per-expert", "batched"]
+)
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize(
     "config",
@@ -111,12 +114,14 @@ def _central_differences(f, value, eps=1e-5):
         dict(activation="tanh"),
     ],
 )
-def test_grouped_gradients_match_finite_differences(config, scaled):
+def test_grouped_gradients_match_finite_differences(config, scaled, batched):
     # SwiGLU has hand-written gradients, with and without row weights; the
     # other activations go through autodiff. The MoE layer lets experts
     # weight their own rows (in the hidden layer, where it is cheaper):
     # that must equal scaling the output. Gradients for the inputs and the
-    # weights must match central differences of a float64 NumPy forward.
+    # weights must match central differences of a float64 NumPy forward,
+    # in both forms of the matmuls: one per expert (CPU, few experts) and
+    # batched (many experts, GPU and TPU, expert parallelism).
     experts = DenseExperts(num_experts=2, units=3, **config)
     rng = np.random.RandomState(1)
     x = rng.normal(size=(2, 5, 3)).astype("float32")
@@ -128,7 +133,7 @@ def test_grouped_gradients_match_finite_differences(config, scaled):
     if not scaled:
         weights = w64 = None
 
-    out = experts(x, grouped=True, group_weights=weights)
+    out = experts(x, grouped=True, group_weights=weights, batched=batched)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(out),
         _numpy_grouped(experts, x64, w64),
@@ -138,7 +143,9 @@ def test_grouped_gradients_match_finite_differences(config, scaled):
     cotangent = np.random.RandomState(7).normal(size=out.shape)
     if scaled:
         grad_x, grad_w = gradients(
-            lambda x, w: experts(x, grouped=True, group_weights=w),
+            lambda x, w: experts(
+                x, grouped=True, group_weights=w, batched=batched
+            ),
             x,
             weights,
         )
@@ -152,7 +159,9 @@ def test_grouped_gradients_match_finite_differences(config, scaled):
             atol=1e-4,
         )
     else:
-        (grad_x,) = gradients(lambda x: experts(x, grouped=True), x)
+        (grad_x,) = gradients(
+            lambda x: experts(x, grouped=True, batched=batched), x
+        )
     np.testing.assert_allclose(
         grad_x,
         _central_differences(

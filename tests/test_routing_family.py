@@ -486,7 +486,14 @@ def test_routing_statistics_match_numpy():
 
 
 def test_expert_load_callback_writes_tensorboard_and_heatmap(tmp_path):
-    model = keras.Sequential([keras.Input((3,)), MoE(4, 2, top_k=1), MoE(3, 2)])
+    # A layer without statistics: `data` is probed by the gates alone.
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            MoE(4, 2, top_k=1),
+            MoE(3, 2, routing_statistics=False),
+        ]
+    )
     model.compile("adam", "mse")
     x = _x((32, 3))
     callback = moe_keras.ExpertLoadCallback(

@@ -162,6 +162,38 @@ def test_expert_load_callback_reads_the_statistics_without_data():
     np.testing.assert_allclose(callback.history["moe_load"][-1], load)
 
 
+def test_expert_load_callback_probes_data_as_inference_routes_it():
+    # Routing ids and masks reach the layer: `data` goes through the
+    # model, and the layer's inference record is put back afterwards.
+    tokens = keras.Input((5,), dtype="int32")
+    ids = keras.Input((5,), dtype="int32")
+    embedding = keras.layers.Embedding(9, 4, mask_zero=True)
+    h = embedding(tokens)
+    gate = moe_keras.gates.ClusterGate(num_clusters=3)
+    layer = MoE(3, 2, top_k=1, gate=gate, name="moe_ids")
+    model = keras.Model([tokens, ids], layer(h, routing_ids=ids))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    rng = np.random.default_rng(4)
+    data = [rng.integers(0, 9, (6, 5)), rng.integers(0, 3, (6, 5))]
+    data[0][:, 3:] = 0  # padding, masked
+    layer.statistics.update(False, np.array([1.0, 0.0, 0.0]))
+    kept = layer.statistics.result("eval")
+    callback = moe_keras.ExpertLoadCallback(data=data)
+    model.fit(data, _x((6, 5, 2)), epochs=1, verbose=0, callbacks=[callback])
+    embedded = keras.ops.convert_to_numpy(embedding(data[0]))
+    valid = data[0] != 0
+    routing = gate(
+        embedded.reshape(-1, 4), routing=True, top_k=1,
+        routing_ids=data[1].reshape(-1),
+    )  # fmt: skip
+    chosen = keras.ops.convert_to_numpy(routing["indices"])[valid.ravel(), 0]
+    expected = np.bincount(chosen, minlength=3) / valid.sum()
+    np.testing.assert_allclose(callback.history["moe_ids"][-1], expected)
+    np.testing.assert_allclose(
+        layer.statistics.result("eval")["expert_load"], kept["expert_load"]
+    )
+
+
 def test_expert_choice_load_is_the_real_load():
     layer = MoE(4, 3, gate=moe_keras.ExpertChoiceGate(), capacity_factor=1.0)
     layer(_x((32, 3)), training=True)
