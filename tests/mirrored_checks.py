@@ -92,18 +92,25 @@ def test_update_is_the_mean_of_the_replicas_own_steps():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_capacity_per_replica_is_token_groups_per_replica():
+def _assert_trained_as_two_groups(model, **kwargs):
+    """`model`, trained under the strategy, has the weights of one device
+    trained on the same data in two token groups."""
     x, y = _data()
-    kwargs = dict(load_balance_weight=0.0, z_loss_weight=0.0)
-    with _strategy().scope():
-        model = _model(**kwargs)
-    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
     reference = _model(token_groups=2, **kwargs)
     reference.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
     for got, want in zip(
         _numpy(model.trainable_weights), _numpy(reference.trainable_weights)
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_per_replica_is_token_groups_per_replica():
+    x, y = _data()
+    kwargs = dict(load_balance_weight=0.0, z_loss_weight=0.0)
+    with _strategy().scope():
+        model = _model(**kwargs)
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    _assert_trained_as_two_groups(model, **kwargs)
 
 
 def test_global_load_balance_is_one_device_with_token_groups():
@@ -117,12 +124,7 @@ def test_global_load_balance_is_one_device_with_token_groups():
         per_replica = _model(**kwargs)
     for m in (model, per_replica):
         m.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
-    reference = _model(token_groups=2, **kwargs)
-    reference.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
-    for got, want in zip(
-        _numpy(model.trainable_weights), _numpy(reference.trainable_weights)
-    ):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    _assert_trained_as_two_groups(model, **kwargs)
     # Per replica, the router's update differs (the test above gives it).
     router = model.get_layer("moe").gate.trainable_weights[0]
     other = per_replica.get_layer("moe").gate.trainable_weights[0]
