@@ -9,8 +9,19 @@ experts' devices by all-to-all (see `group_dispatch`).
 The layer reads its dispatch layout from the distribution's `LayoutMap`
 under the key `<layer>/experts/dispatch_buffers`: the layout of the
 expert-side buffers `[E, G, C, d]`, `(model, batch, None, None)` from
-`get_layout_map`. Setting that path to `(None, "batch", None, None)`
-keeps one layer's experts replicated (data-parallel only).
+`get_layout_map`. To keep one layer's experts replicated (data-parallel
+only), set that path to `(None, "batch", None, None)` and the layer's
+expert weights to replicated layouts too, e.g. for `MoE(...,
+hidden_units=h, name="moe")` in a `Sequential`:
+
+    path = "sequential/moe/experts"
+    layout_map[f"{path}/dispatch_buffers"] = (None, "batch", None, None)
+    for name in ("in_kernel", "out_kernel"):
+        layout_map[f"{path}/{name}"] = (None, None, None)
+    for name in ("in_bias", "out_bias"):
+        layout_map[f"{path}/{name}"] = (None, None)
+
+The layer checks that its weights and dispatch agree when it builds.
 
 Layouts are applied on the JAX backend, where Keras implements the
 distribution API; elsewhere these helpers lay out nothing.
@@ -21,7 +32,7 @@ import math
 import keras
 from keras import backend
 
-_DISPATCH_KEY = "dispatch_buffers"
+DISPATCH_KEY = "dispatch_buffers"
 
 
 def get_layout_map(
@@ -37,9 +48,9 @@ def get_layout_map(
     experts on the model-parallel ones. Pass it to
     `keras.distribution.ModelParallel(layout_map=...)`; merge it with your
     own entries (e.g. `layout_map[".*dense.*kernel"] = (None, "model")`),
-    or override one layer by its exact path, which takes precedence over
-    these patterns: `layout_map["moe/experts/in_kernel"] = (None, None,
-    None)`.
+    or override one layer by its exact paths, which take precedence over
+    these patterns (to keep a layer replicated: its dispatch buffers and
+    every expert weight, see the module docstring).
 
     The number of experts of every `MoE` layer must be divisible by the
     size of the model axis; the layer checks that when it builds. Shared
@@ -94,7 +105,7 @@ def get_layout_map(
     # experts) and not "shared_experts".
     layout_map[r"(.*/)?experts/(in_|out_)?kernel"] = (model, None, None)
     layout_map[r"(.*/)?experts/(in_|out_)?bias"] = (model, None)
-    layout_map[rf"(.*/)?experts/{_DISPATCH_KEY}"] = (model, data, None, None)
+    layout_map[rf"(.*/)?experts/{DISPATCH_KEY}"] = (model, data, None, None)
     return layout_map
 
 
@@ -150,10 +161,26 @@ def dispatch_layout(experts_path):
     layout = None
     if isinstance(distribution, keras.distribution.ModelParallel):
         layout = distribution.get_tensor_layout(
-            f"{experts_path}/{_DISPATCH_KEY}"
+            f"{experts_path}/{DISPATCH_KEY}"
         )
     expert_axis = layout.axes[0] if layout is not None else None
     return DispatchLayout(mesh, expert_axis, data_axis)
+
+
+def weight_expert_axes(experts_path, weight_names):
+    """`{name: mesh axis}` splitting the experts axis of each expert weight
+    the distribution lays out (`None` for replicated); `{}` without a
+    `ModelParallel` distribution on JAX."""
+    distribution = keras.distribution.distribution()
+    if backend.backend() != "jax" or not isinstance(
+        distribution, keras.distribution.ModelParallel
+    ):
+        return {}
+    axes = {}
+    for name in weight_names:
+        layout = distribution.get_tensor_layout(f"{experts_path}/{name}")
+        axes[name] = layout.axes[0] if layout is not None else None
+    return axes
 
 
 def replica_sum(value):

@@ -250,6 +250,12 @@ class DenseExperts(keras.layers.Layer):
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
 
+    def weight_names(self):
+        """The names of the weights `build` makes, `[E, ...]` each."""
+        prefixes = ("",) if self.hidden_units is None else ("in_", "out_")
+        kinds = ("kernel", "bias") if self.use_bias else ("kernel",)
+        return [f"{p}{kind}" for p in prefixes for kind in kinds]
+
     def _projection(self, name, fan_in, fan_out):
         kernel = self.add_weight(
             name=f"{name}kernel",

@@ -24,31 +24,14 @@ def _masked_mean(values, mask, axis=0):
     return total / count
 
 
-def assignment_fraction(expert_indices, num_experts, mask=None, total=None):
+def assignment_fraction(expert_indices, num_experts, mask=None):
     """Fraction of routing assignments that went to each expert, `[E]`.
 
     Each of a token's k choices counts as one assignment; masked tokens
     count for nothing. Sums to 1 (0 if every token is masked).
-
-    `total`, if given, maps the `[E + 1]` vector of per-expert counts and
-    token count to the counts to divide, e.g. their sum over replicas
-    for the fraction of a global batch.
     """
-    choices = ops.mean(
-        ops.one_hot(expert_indices, num_experts, dtype="float32"), axis=1
-    )
-    if total is None:
-        return _masked_mean(choices, mask)
-    if mask is None:
-        count = ops.cast(ops.shape(choices)[0], "float32")
-    else:
-        mask = ops.cast(mask, "float32")
-        choices = choices * mask[:, None]
-        count = ops.sum(mask)
-    counts = total(
-        ops.concatenate([ops.sum(choices, axis=0), ops.reshape(count, (1,))])
-    )
-    return counts[:-1] / ops.maximum(counts[-1], 1.0)
+    choices = ops.one_hot(expert_indices, num_experts, dtype="float32")
+    return _masked_mean(ops.mean(choices, axis=1), mask)
 
 
 def load_balance_loss(
@@ -69,16 +52,41 @@ def load_balance_loss(
         expert_indices: `[tokens, k]` int, the experts each token chose.
         num_experts: int, E.
         mask: optional `[tokens]`; masked tokens count in neither term.
-        total: optional, counts `f` over more than this batch (see
-            `assignment_fraction`); `P` stays this batch's own.
+        total: optional function summing a vector over more batches than
+            this one (the replicas of a `tf.distribute` step): `f` then
+            counts all of them, and this batch's `P` is weighted by its
+            share of their tokens, so that the mean of the batches' losses
+            is the loss of all their tokens together.
 
     Returns:
         A float32 scalar.
     """
     router_probs = ops.cast(router_probs, "float32")
-    fraction = assignment_fraction(expert_indices, num_experts, mask, total)
     mean_prob = _masked_mean(router_probs, mask)  # [experts]
-    return float(num_experts) * ops.sum(ops.stop_gradient(fraction) * mean_prob)
+    if total is None:
+        fraction = assignment_fraction(expert_indices, num_experts, mask)
+        return float(num_experts) * ops.sum(
+            ops.stop_gradient(fraction) * mean_prob
+        )
+    choices = ops.mean(
+        ops.one_hot(expert_indices, num_experts, dtype="float32"), axis=1
+    )
+    if mask is None:
+        count = ops.cast(ops.shape(choices)[0], "float32")
+    else:
+        mask = ops.cast(mask, "float32")
+        choices = choices * mask[:, None]
+        count = ops.sum(mask)
+    # Per-expert assignments, tokens and batches, summed over the batches.
+    summed = ops.stop_gradient(
+        total(
+            ops.concatenate([ops.sum(choices, axis=0), ops.stack([count, 1.0])])
+        )
+    )
+    tokens = ops.maximum(summed[num_experts], 1.0)
+    fraction = summed[:num_experts] / tokens
+    share = count * summed[num_experts + 1] / tokens
+    return float(num_experts) * share * ops.sum(fraction * mean_prob)
 
 
 def router_z_loss(router_logits, mask=None):

@@ -105,8 +105,9 @@ class MoE(keras.layers.Layer):
         global_load_balance: bool. Under a `tf.distribute` strategy
             (`MirroredStrategy`), count the balance loss's expert
             fractions `f` over the global batch, summed across replicas
-            (one all-reduce of E + 1 numbers per layer and step), instead
-            of each replica's own; each replica keeps its own `P`, so the
+            (one all-reduce of E + 2 numbers per layer and step), instead
+            of each replica's own; each replica keeps its own `P`,
+            weighted by its share of the real (unmasked) tokens, so the
             mean of the replicas' gradients is that of the global batch's
             loss. Defaults to `False` (per replica, as Switch's per-core
             groups). Without such a strategy the loss already counts the
@@ -603,6 +604,8 @@ class MoE(keras.layers.Layer):
                 f"the {layout.num_devices} devices of the distribution's "
                 f"mesh (layer {self.name})."
             )
+        if isinstance(self.experts, DenseExperts):
+            self._check_weight_layouts(layout)
         if layout.expert_axis is None:
             return
         if isinstance(self.experts, ExpertList):
@@ -623,6 +626,32 @@ class MoE(keras.layers.Layer):
                 f"{layout.expert_axis!r} cannot split evenly; use a "
                 "multiple of the axis size."
             )
+
+    def _check_weight_layouts(self, layout):
+        """The expert weights must sit where the dispatch sends tokens:
+        else every step moves weight slices between devices."""
+        path = self._experts_path()
+        names = self.experts.weight_names()
+        axes = distribution_lib.weight_expert_axes(path, names)
+        wrong = sorted(n for n, a in axes.items() if a != layout.expert_axis)
+        if not wrong:
+            return
+        data_axis = layout.expert_side_group_axes[:1] or (None,)
+        entries = [
+            f"layout_map['{path}/{distribution_lib.DISPATCH_KEY}'] = "
+            f"{(layout.expert_axis, *data_axis, None, None)!r}"
+        ] + [
+            f"layout_map['{path}/{name}'] = "
+            f"{(layout.expert_axis,) + (None,) * (2 if 'kernel' in name else 1)!r}"
+            for name in names
+        ]
+        raise ValueError(
+            f"The layout map puts the dispatch of layer {self.name} on "
+            f"experts axis {layout.expert_axis!r} but the experts axis of "
+            f"its weights {wrong} elsewhere: a layer's expert weights and "
+            "its dispatch must agree (replicated is None for all of "
+            "them). Set them together, e.g.:\n" + "\n".join(entries)
+        )
 
     def _token_load(self, routing, valid):
         """`[E]`: each expert's share of the assignments (of the gate

@@ -228,7 +228,9 @@ def test_layouts_that_cannot_apply_fail_clearly():
         keras.Sequential(
             [keras.Input((8,)), MoE(8, 8, top_k=2, token_groups=4)]
         )
-    # One layer kept replicated by its exact path: builds and runs.
+    # One layer kept replicated by its exact paths: its dispatch alone is
+    # not enough (the weights would stay sharded, moving slices every
+    # step); the error lists every entry.
     mesh = _mesh((2, 4))
     layout_map = moe_keras.get_layout_map(mesh)
     layout_map["replicated/experts/dispatch_buffers"] = (
@@ -237,6 +239,19 @@ def test_layouts_that_cannot_apply_fail_clearly():
         None,
         None,
     )
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        )
+    )
+    for num_experts in (8, 6):
+        with pytest.raises(
+            ValueError, match=r"(?s)agree.*out_bias'\] = \(None, None\)"
+        ):
+            inputs = keras.Input((8,))
+            MoE(num_experts, 8, hidden_units=8, top_k=2, name="replicated")(
+                inputs
+            )
     for name in ("in_kernel", "out_kernel"):
         layout_map[f"replicated/experts/{name}"] = (None, None, None)
     for name in ("in_bias", "out_bias"):

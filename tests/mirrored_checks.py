@@ -131,6 +131,39 @@ def test_global_load_balance_is_one_device_with_token_groups():
     assert not np.allclose(router.numpy(), other.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def _masked_model(**moe_kwargs):
+    keras.utils.set_random_seed(5)
+    tokens = keras.Input((10,), dtype="int32")
+    h = keras.layers.Embedding(20, 8, mask_zero=True)(tokens)
+    h = MoE(4, 8, top_k=2, capacity_factor=2.0, name="moe", **moe_kwargs)(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    model = keras.Model(tokens, keras.layers.Dense(1)(h))
+    model.compile(keras.optimizers.SGD(LEARNING_RATE), "mse")
+    return model
+
+
+def test_global_load_balance_weights_replicas_by_their_tokens():
+    # The first replica's sequences are long, the second's short: the
+    # global loss counts every real token once, so each replica's part
+    # must weigh by its share of them.
+    rng = np.random.default_rng(1)
+    x = rng.integers(1, 20, (16, 10))
+    x[8:, 2:] = 0
+    y = rng.normal(size=(16, 1)).astype("float32")
+    kwargs = dict(
+        load_balance_weight=0.5, z_loss_weight=0.0, global_load_balance=True
+    )
+    with _strategy().scope():
+        model = _masked_model(**kwargs)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    reference = _masked_model(token_groups=2, **kwargs)
+    reference.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(
+        _numpy(model.trainable_weights), _numpy(reference.trainable_weights)
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_routing_metrics_count_every_replica_batch():
     x, y = _data()
     with _strategy().scope():

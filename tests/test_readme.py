@@ -11,6 +11,7 @@ notebooks, which the README also points to, are executed as written by
 
 import pathlib
 import re
+import textwrap
 
 import keras
 import numpy as np
@@ -23,7 +24,8 @@ def _python_blocks():
     """`(line number, source)` of every ```python block."""
     text = README.read_text()
     return [
-        (text.count("\n", 0, match.start()) + 2, match.group(1))
+        # Blocks inside list items are indented with their item.
+        (text.count("\n", 0, match.start()) + 2, textwrap.dedent(match[1]))
         for match in re.finditer(r"```python\n(.*?)```", text, re.S)
     ]
 
