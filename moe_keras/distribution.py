@@ -122,6 +122,7 @@ class DispatchLayout:
 
     def __init__(self, mesh, expert_axis, data_axis):
         self.mesh = mesh
+        self.data_axis = data_axis
         self.num_devices = math.prod(mesh.shape)
         self.expert_axis = expert_axis
         others = [a for a in mesh.axis_names if a != expert_axis]
@@ -143,6 +144,21 @@ class DispatchLayout:
     def token_side(self, buffers):
         """Constrains `[G, E, C, d]` to groups on their tokens' devices."""
         return _constrain(buffers, (self.group_axes,) + (None,) * 3, self)
+
+    def tokens(self, x):
+        """Constrains `[T, ...]` to the token groups' devices, where `T`
+        divides into them (else leaves it to XLA).
+
+        First to the data layout the tokens arrive in (split over the
+        batch axis only), so that their gradient leaves the layer in that
+        layout too (gathered along the other axes, `[T / batch, ...]` per
+        device), as the layers before expect it.
+        """
+        size = x.shape[0]
+        if not isinstance(size, int) or size % self.num_devices:
+            return x
+        rest = (None,) * (x.ndim - 1)
+        return _constrain(x, (self.group_axes,) + rest, self)
 
     def expert_side(self, buffers):
         """Constrains `[E, G, C, d]` to experts on their weights' devices."""

@@ -64,12 +64,15 @@ def _swiglu_grad(h, upstream, weights=None):
     copy both into a concatenation.
     """
     hidden = h.shape[-1] // 2
-    halves = ops.reshape(h, (-1, 2, hidden))
-    gate, up = halves[:, :1], halves[:, 1:]
+    # The leading axes stay as they are: merged, a layout that splits
+    # them over two mesh axes (experts, groups) could not follow.
+    lead = tuple(ops.shape(h)[:-1])
+    halves = ops.reshape(h, lead + (2, hidden))
+    gate, up = halves[..., :1, :], halves[..., 1:, :]
     sig = _sigmoid_again(gate)
-    d = ops.reshape(upstream, (-1, 1, hidden)) * sig
+    d = ops.expand_dims(upstream, -2) * sig
     if weights is not None:
-        d = d * ops.reshape(weights, (-1, 1, 1))
+        d = d * weights[..., None, None]
     is_gate = ops.arange(2)[:, None] == 0
     grads = ops.where(is_gate, d * up * (1.0 + gate * (1.0 - sig)), d * gate)
     return ops.reshape(grads, ops.shape(h))

@@ -437,6 +437,7 @@ class MoE(keras.layers.Layer):
         valid = None
         if mask is not None:
             valid = ops.reshape(ops.cast(mask, "bool"), (-1,))  # [tokens]
+        x = self._on_token_devices(x)
 
         routing = self.gate(
             x,
@@ -589,6 +590,21 @@ class MoE(keras.layers.Layer):
         if capacity_factor is not None:
             dropped = plan.dropped / ops.maximum(plan.routed, 1.0)
         return y, dropped
+
+    def _on_token_devices(self, x):
+        """Under an expert layout, each device routes the tokens of its
+        own group: the router's work is split over every device, not
+        repeated along the experts axis, and its weight gradient is a sum
+        of per-device parts rather than a gather of every token."""
+        if not (self.sparse and not self.gate.expert_choice):
+            return x
+        layout = distribution_lib.dispatch_layout(self._experts_path())
+        if layout is None or self.token_groups not in (
+            None,
+            layout.num_devices,
+        ):
+            return x
+        return layout.tokens(x)
 
     def _experts_path(self):
         return f"{self.path}/experts"

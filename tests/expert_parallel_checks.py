@@ -144,14 +144,18 @@ def _flops(compiled):
     return analysis["flops"]
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["relu", "swiglu"])
 @pytest.mark.parametrize("shape", [(2, 4), (1, 8)])
-def test_tokens_travel_by_all_to_all_and_expert_weights_stay(shape):
+def test_tokens_travel_by_all_to_all_and_expert_weights_stay(shape, gated):
     x = np.random.default_rng(1).normal(size=(256, 16)).astype("float32")
     mesh = _distribute(shape)
-    model = _model()
+    model = _model(gated=gated, activation="silu" if gated else "relu")
     hlo = _compiled_step(model, mesh, x).as_text()
     collectives = _collectives(hlo)
     assert collectives["all-to-all"] >= 2, collectives
+    # Each device routes its own group's tokens: nothing token-sized is
+    # gathered (the router's weight gradient is an all-reduce of parts).
+    assert collectives["all-gather"] == 0, collectives
     # Nothing of an expert weight's full shape is gathered or permuted.
     layer = model.get_layer("moe")
     for weight in layer.experts.weights:
