@@ -33,6 +33,10 @@ class GroupRoutePlan:
         num_experts: int E.
         capacity_: int slots per expert and group, or `None` for `n`.
         valid: optional `[G, n]` bool, tokens to route (masks, padding).
+        partitioned: bool, build the inverse map by a sort batched over
+            groups, which XLA's partitioner keeps on each group's device
+            (the scatter it replaces is computed whole on every device
+            and summed across them); the plan is the same.
 
     Attributes (all batched over groups):
         assignment_slot: `[G, n * k]` int32, the slot of each assignment
@@ -43,7 +47,9 @@ class GroupRoutePlan:
         routed, dropped: float scalars summed over groups.
     """
 
-    def __init__(self, indices, num_experts, capacity_, valid=None):
+    def __init__(
+        self, indices, num_experts, capacity_, valid=None, partitioned=False
+    ):
         num_groups, size, top_k = ops.shape(indices)
         if capacity_ is None:
             capacity_ = max(size, 1) if isinstance(size, int) else size
@@ -72,9 +78,19 @@ class GroupRoutePlan:
         slot = flat_indices * capacity_ + position
         num_slots = num_experts * capacity_
 
-        # The inverse map, slot -> assignment, by a scatter whose group
-        # coordinate is an iota: XLA partitions it along the groups.
         slot_or_overflow = ops.where(keep, slot, num_slots)
+        self.kept = keep
+        self.assignment_slot = ops.where(keep, slot, 0)
+        self.routed = ops.sum(ops.cast(routed, "float32"))
+        self.dropped = self.routed - ops.sum(ops.cast(keep, "float32"))
+        if partitioned:
+            kept_per_expert = ops.minimum(
+                ops.sum(choice, axis=(1, 2)), capacity_
+            )  # [G, E]
+            self._inverse_by_sort(slot_or_overflow, kept_per_expert)
+            return
+
+        # The inverse map, slot -> assignment, by a scatter.
         group_ids = ops.broadcast_to(
             ops.arange(num_groups, dtype="int32")[:, None],
             (num_groups, assignments),
@@ -90,12 +106,30 @@ class GroupRoutePlan:
             (num_groups, num_slots + 1),
         )[:, :num_slots]
 
-        self.kept = keep
-        self.assignment_slot = ops.where(keep, slot, 0)
         self.slot_filled = slot_assignment > 0
         self.slot_assignment = ops.maximum(slot_assignment - 1, 0)
-        self.routed = ops.sum(ops.cast(routed, "float32"))
-        self.dropped = self.routed - ops.sum(ops.cast(keep, "float32"))
+
+    def _inverse_by_sort(self, slot_or_overflow, kept_per_expert):
+        """The inverse map from each group's assignments sorted by slot:
+        kept slots are unique, so expert e's `p`-th slot holds the
+        assignment at sorted position `start_e + p`, where `start_e`
+        counts the kept assignments of the experts before e."""
+        groups, experts = self.num_groups, self.num_experts
+        order = ops.cast(ops.argsort(slot_or_overflow, axis=-1), "int32")
+        # A zero appended, so that no slot reads past `order` (a group may
+        # have no assignments at all).
+        assignments = ops.shape(order)[-1]
+        order = ops.pad(order, ((0, 0), (0, 1)))
+        start = ops.cumsum(kept_per_expert, axis=-1) - kept_per_expert
+        p = ops.arange(self.capacity, dtype="int32")
+        filled = p[None, None, :] < kept_per_expert[..., None]  # [G, E, C]
+        source = ops.minimum(start[..., None] + p, assignments)
+        assignment = ops.take_along_axis(
+            order, ops.reshape(source, (groups, -1)), axis=-1
+        )
+        filled = ops.reshape(filled, (groups, experts * self.capacity))
+        self.slot_filled = filled
+        self.slot_assignment = ops.where(filled, assignment, 0)
 
 
 def take_rows(x, index, present):

@@ -559,6 +559,7 @@ class MoE(keras.layers.Layer):
             self.num_experts,
             capacity,
             None if valid is None else split(valid),
+            partitioned=layout is not None,
         )
         buffers = group_dispatch.dispatch(split(x), plan)  # [G, E, C, d]
         if layout is not None:

@@ -156,6 +156,11 @@ def test_tokens_travel_by_all_to_all_and_expert_weights_stay(shape, gated):
     # Each device routes its own group's tokens: nothing token-sized is
     # gathered (the router's weight gradient is an all-reduce of parts).
     assert collectives["all-gather"] == 0, collectives
+    # Each group's routing plan is built on its own device: no integer
+    # (plan) data crosses devices.
+    for line in hlo.splitlines():
+        if re.search(r"\ball-reduce(-start)?\(", line):
+            assert "s32[" not in line.split("all-reduce")[0], line
     # Nothing of an expert weight's full shape is gathered or permuted.
     layer = model.get_layer("moe")
     for weight in layer.experts.weights:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import moe_keras
 from moe_keras import MoE
+from moe_keras import group_dispatch
 from tests import reference
 
 BACKEND = keras.backend.backend()
@@ -98,6 +99,33 @@ def test_each_group_routes_alone_with_its_own_capacity(
     y = keras.ops.convert_to_numpy(layer(x, training=training, mask=mask))
     expected = _grouped_reference(layer, x, groups, capacity_factor, valid)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("capacity", [None, 1, 2, 5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sorted_inverse_map_is_the_scattered_one(capacity, masked):
+    # Under a distribution the plan's slot -> assignment map comes from a
+    # sort batched over groups (the scatter is not partitioned by XLA);
+    # both must build the same plan, drops and empty groups included.
+    rng = np.random.default_rng(capacity or 0)
+    indices = np.stack([rng.permutation(4)[:2] for _ in range(3 * 7)]).reshape(
+        3, 7, 2
+    )
+    indices[1] = 0  # a group that overflows expert 0
+    valid = rng.random((3, 7)) > 0.3 if masked else None
+    if masked:
+        valid[2] = False  # a group with nothing to route
+    plans = [
+        group_dispatch.GroupRoutePlan(
+            indices.astype("int32"), 4, capacity, valid, partitioned=sort
+        )
+        for sort in (False, True)
+    ]
+    for name in ("slot_filled", "slot_assignment", "kept", "assignment_slot"):
+        scattered, sorted_ = (
+            keras.ops.convert_to_numpy(getattr(plan, name)) for plan in plans
+        )
+        np.testing.assert_array_equal(sorted_, scattered, err_msg=name)
 
 
 def test_dropless_groups_change_nothing():
