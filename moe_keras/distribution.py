@@ -122,7 +122,6 @@ class DispatchLayout:
 
     def __init__(self, mesh, expert_axis, data_axis):
         self.mesh = mesh
-        self.data_axis = data_axis
         self.num_devices = math.prod(mesh.shape)
         self.expert_axis = expert_axis
         others = [a for a in mesh.axis_names if a != expert_axis]
@@ -147,13 +146,7 @@ class DispatchLayout:
 
     def tokens(self, x):
         """Constrains `[T, ...]` to the token groups' devices, where `T`
-        divides into them (else leaves it to XLA).
-
-        First to the data layout the tokens arrive in (split over the
-        batch axis only), so that their gradient leaves the layer in that
-        layout too (gathered along the other axes, `[T / batch, ...]` per
-        device), as the layers before expect it.
-        """
+        divides into them (else leaves it to XLA)."""
         size = x.shape[0]
         if not isinstance(size, int) or size % self.num_devices:
             return x
@@ -174,29 +167,30 @@ def dispatch_layout(experts_path):
         return None
     mesh = distribution.device_mesh
     data_axis = getattr(distribution, "batch_dim_name", None)
-    layout = None
-    if isinstance(distribution, keras.distribution.ModelParallel):
-        layout = distribution.get_tensor_layout(
-            f"{experts_path}/{DISPATCH_KEY}"
-        )
-    expert_axis = layout.axes[0] if layout is not None else None
+    expert_axis = _leading_axis(distribution, f"{experts_path}/{DISPATCH_KEY}")
     return DispatchLayout(mesh, expert_axis, data_axis)
 
 
 def weight_expert_axes(experts_path, weight_names):
     """`{name: mesh axis}` splitting the experts axis of each expert weight
     the distribution lays out (`None` for replicated); `{}` without a
-    `ModelParallel` distribution on JAX."""
+    Keras distribution on JAX."""
     distribution = keras.distribution.distribution()
-    if backend.backend() != "jax" or not isinstance(
-        distribution, keras.distribution.ModelParallel
-    ):
+    if distribution is None or backend.backend() != "jax":
         return {}
-    axes = {}
-    for name in weight_names:
-        layout = distribution.get_tensor_layout(f"{experts_path}/{name}")
-        axes[name] = layout.axes[0] if layout is not None else None
-    return axes
+    return {
+        name: _leading_axis(distribution, f"{experts_path}/{name}")
+        for name in weight_names
+    }
+
+
+def _leading_axis(distribution, path):
+    """The mesh axis a `ModelParallel` layout map gives the first axis of
+    the tensor at `path`; `None` where nothing splits it."""
+    if not isinstance(distribution, keras.distribution.ModelParallel):
+        return None
+    layout = distribution.get_tensor_layout(path)
+    return layout.axes[0] if layout is not None else None
 
 
 def replica_sum(value):

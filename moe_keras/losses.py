@@ -63,11 +63,6 @@ def load_balance_loss(
     """
     router_probs = ops.cast(router_probs, "float32")
     mean_prob = _masked_mean(router_probs, mask)  # [experts]
-    if total is None:
-        fraction = assignment_fraction(expert_indices, num_experts, mask)
-        return float(num_experts) * ops.sum(
-            ops.stop_gradient(fraction) * mean_prob
-        )
     choices = ops.mean(
         ops.one_hot(expert_indices, num_experts, dtype="float32"), axis=1
     )
@@ -77,15 +72,18 @@ def load_balance_loss(
         mask = ops.cast(mask, "float32")
         choices = choices * mask[:, None]
         count = ops.sum(mask)
-    # Per-expert assignments, tokens and batches, summed over the batches.
-    summed = ops.stop_gradient(
-        total(
-            ops.concatenate([ops.sum(choices, axis=0), ops.stack([count, 1.0])])
-        )
+    # Per-expert assignments, tokens and batches (of this batch alone, or
+    # summed over the batches `total` adds up).
+    counts = ops.concatenate(
+        [ops.sum(choices, axis=0), ops.stack([count, 1.0])]
     )
-    tokens = ops.maximum(summed[num_experts], 1.0)
-    fraction = summed[:num_experts] / tokens
-    share = count * summed[num_experts + 1] / tokens
+    if total is not None:
+        counts = total(counts)
+    counts = ops.stop_gradient(counts)
+    tokens = ops.maximum(counts[num_experts], 1.0)
+    fraction = counts[:num_experts] / tokens
+    # 1 for a batch on its own (0 when it has no tokens, and no P either).
+    share = count * counts[num_experts + 1] / tokens
     return float(num_experts) * share * ops.sum(fraction * mean_prob)
 
 
