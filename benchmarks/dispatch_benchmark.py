@@ -6,7 +6,11 @@ side by side in one run:
 - `ffn`: a plain SwiGLU feed-forward layer with hidden size `k * hidden`,
   the same active FLOPs per token as the MoE (the bar to reach);
 - `sparse cf=1.0`, `sparse cf=1.25`: `MoE(dispatch="sparse")`;
-- `dropless`: `MoE(dispatch="sparse", capacity_factor=None)`;
+- `dropless`: `MoE(dispatch="sparse", capacity_factor=None)`, whose
+  `grouped_matmul="auto"` runs a grouped-matmul kernel on a GPU or TPU
+  and the padded block layout elsewhere; `dropless-NAME` (not in the
+  default list) forces `grouped_matmul=NAME`, e.g. `dropless-blocks` for
+  the block layout on a GPU, side by side with the kernel;
 - `dense`: `MoE(dispatch="dense")`, every expert on every token, masked;
 - `keras-hub`: keras-hub's `MixtralSparseMoeBlock`, which also computes
   every expert for every token (skipped if keras-hub is not installed);
@@ -98,6 +102,9 @@ def _build(variant, cfg):
 
         outputs = FirstOutput()(inputs)
     else:
+        grouped_matmul = "auto"
+        if variant.startswith("dropless-"):
+            variant, grouped_matmul = variant.split("-", 1)
         dispatch, capacity_factor = {
             "sparse-1.0": ("sparse", 1.0),
             "sparse-1.25": ("sparse", 1.25),
@@ -105,6 +112,7 @@ def _build(variant, cfg):
             "dense": ("dense", 1.0),
         }[variant]
         outputs = MoE(
+            grouped_matmul=grouped_matmul,
             num_experts=e,
             units=d,
             hidden_units=h,

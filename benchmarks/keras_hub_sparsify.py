@@ -48,9 +48,25 @@ MODELS = {
             norm_top_k_prob=True,
         ),
     ),
+    # The whole-model GPU size of issue 20: run with --models mixtral-gpu
+    # --batch-size 8 --seq-len 1024 --no-memory.
+    "mixtral-gpu": (
+        "MixtralBackbone",
+        dict(
+            vocabulary_size=32000, num_layers=4, num_query_heads=16,
+            num_key_value_heads=8, hidden_dim=1024, intermediate_dim=2048,
+            num_experts=8, top_k=2, sliding_window=1024,
+        ),
+    ),
 }  # fmt: skip
-TASKS = {"mixtral": "MixtralCausalLM", "qwen3_moe": "Qwen3MoeCausalLM"}
-VARIANTS = ("keras-hub", "sparsified")
+TASKS = {
+    "mixtral": "MixtralCausalLM",
+    "qwen3_moe": "Qwen3MoeCausalLM",
+    "mixtral-gpu": "MixtralCausalLM",
+}
+# sparsified: `sparsify(model)`, dropless; cf1.0: capacity_factor=1.0.
+VARIANTS = ("keras-hub", "sparsified", "sparsified-cf1.0")
+DEFAULT_MODELS = ("mixtral", "qwen3_moe")
 
 
 def _build(model_name, variant, jit_compile):
@@ -67,6 +83,8 @@ def _build(model_name, variant, jit_compile):
     )
     if variant == "sparsified":
         task = sparsify(task)
+    elif variant == "sparsified-cf1.0":
+        task = sparsify(task, capacity_factor=1.0)
     task.compile(
         optimizer=keras.optimizers.Adam(1e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -152,8 +170,9 @@ def _memory(model_name, variant, argv):
 def _time(model_name, args):
     """Median and fastest step ms of each variant, timed in turns."""
     x, y = _data(args)
-    models = {v: _build(model_name, v, args.jit_compile) for v in VARIANTS}
-    times = {v: [] for v in VARIANTS}
+    variants = args.variants.split(",")
+    models = {v: _build(model_name, v, args.jit_compile) for v in variants}
+    times = {v: [] for v in variants}
     for model in models.values():  # compile, warm up
         for _ in range(2):
             model.train_on_batch(x, y)
@@ -184,7 +203,13 @@ def _versions():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--variants", default="keras-hub,sparsified")
+    parser.add_argument("--dtype-policy", default=None)
+    parser.add_argument(
+        "--no-memory", action="store_true",
+        help="skip the memory processes (one compile per variant each)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -198,9 +223,18 @@ def main(argv=None):
     for name in names:
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; choose from {list(MODELS)}")
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            parser.error(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if "keras-hub" not in args.variants.split(","):
+        parser.error("--variants must include keras-hub, the baseline")
     if args.steps < 1 or args.batch_size < 1 or args.seq_len < 1:
         parser.error("--steps, --batch-size and --seq-len must be >= 1")
     jit = args.jit_compile
+    if args.dtype_policy:
+        import keras
+
+        keras.config.set_dtype_policy(args.dtype_policy)
     if args.memory_worker:
         model_name, variant = args.memory_worker.split(":")
         result = _memory_worker(model_name, variant, args)
@@ -220,6 +254,7 @@ def main(argv=None):
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs")
     print(
         f"batch {args.batch_size} x {args.seq_len} tokens, Adam, "
+        f"policy {keras.config.dtype_policy().name}, "
         f"jit_compile={jit}, {args.steps} timed steps per variant\n"
     )
     worker_argv = [a for a in argv if not a.startswith("--models")]
@@ -231,10 +266,18 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         config = MODELS[name][1]
-        memory = {v: _memory(name, v, worker_argv) for v in VARIANTS}
+        variants = args.variants.split(",")
+        memory = {
+            v: (
+                {"error": "not measured"}
+                if args.no_memory
+                else _memory(name, v, worker_argv)
+            )
+            for v in variants
+        }
         timed = _time(name, args)
         base = timed["keras-hub"][0]
-        for variant in VARIANTS:
+        for variant in variants:
             median, fastest, params = timed[variant]
             m = memory[variant]
             if "error" in m:

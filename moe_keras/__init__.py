@@ -1,5 +1,6 @@
 """Mixture-of-Experts layers for Keras 3: sparse, XLA-compiled, serializable."""
 
+from moe_keras import kernels
 from moe_keras import losses
 from moe_keras.callbacks import ExpertLoadCallback
 from moe_keras.callbacks import ExpertPerformanceCallback
@@ -51,6 +52,7 @@ __all__ = [
     "StaticGate",
     "UniformGate",
     "get_layout_map",
+    "kernels",
     "losses",
     "sparsify",
     "upcycle",

@@ -113,14 +113,19 @@ def block_size(num_assignments, num_experts):
 class RoutePlan:
     """Where each assignment goes, computed once from the router's choice.
 
-    Two buffer layouts, both of static shape `[groups, group_size, ...]`:
+    Three buffer layouts, all of static shape `[groups, group_size, ...]`:
 
     - capacity (`capacity_` an int): group `e` is expert `e`'s buffer of
       `C` slots; assignments past `C` are dropped.
-    - dropless (`capacity_=None`): assignments sorted by expert into blocks
-      of `block_size` rows, each expert's rows padded to whole blocks, so a
-      block belongs to one expert (`group_expert`) and nothing is dropped.
-      At most `(T * k + E * (b - 1)) / b` blocks are ever needed.
+    - dropless blocks (`capacity_=None`): assignments sorted by expert into
+      blocks of `block_size` rows, each expert's rows padded to whole
+      blocks, so a block belongs to one expert (`group_expert`) and nothing
+      is dropped. At most `(T * k + E * (b - 1)) / b` blocks are ever
+      needed.
+    - dropless sorted rows (`capacity_=None, sorted_rows=True`): one group
+      of `T * k` rows, the assignments sorted by expert with no padding,
+      `group_sizes` rows each, masked tokens' rows last (unfilled): the
+      input of a grouped matmul (`moe_keras.kernels`).
 
     `method` (`plan_method` picks it from E) is how the assignments are
     ranked within their experts; both give the same plan.
@@ -131,7 +136,9 @@ class RoutePlan:
     Attributes:
         num_groups, group_size: the buffer layout.
         group_expert: `[num_groups]` int32, the expert of each block
-            (`None` in the capacity layout, where group `e` is expert `e`).
+            (`None` in the other layouts).
+        group_sizes: `[E]` int32, each expert's rows in the sorted-rows
+            layout (`None` in the others).
         assignment_slot: `[tokens * k]` int32, the buffer slot of each
             assignment (token-major), clamped to a valid slot when dropped.
         kept: `[tokens * k]` bool, whether the assignment has a slot.
@@ -152,6 +159,7 @@ class RoutePlan:
         valid=None,
         custom_gradient=True,
         method=None,
+        sorted_rows=False,
     ):
         num_tokens, top_k = ops.shape(indices)[0], ops.shape(indices)[1]
         self.num_experts = num_experts
@@ -183,13 +191,19 @@ class RoutePlan:
                 (-1,),
             )
         flat_indices = ops.reshape(indices, (-1,))
+        self.group_expert = self.group_sizes = None
 
         if capacity_ is not None:
             self.num_groups, self.group_size = num_experts, capacity_
-            self.group_expert = None
             keep = ops.logical_and(routed, position < capacity_)
             slot = flat_indices * capacity_ + position
             group_start = ops.arange(num_experts, dtype="int32")
+        elif sorted_rows:
+            self.num_groups, self.group_size = 1, num_tokens * top_k
+            self.group_sizes = ops.cast(counts, "int32")
+            keep = routed
+            group_start = ops.cumsum(self.group_sizes) - self.group_sizes
+            slot = ops.take(group_start, flat_indices) + position
         else:
             size = block_size(num_tokens * top_k, num_experts)
             self.group_size = size
@@ -305,6 +319,12 @@ def _slots_from_order(order, counts, group_start, plan, num_tokens):
     of group `g` holds its expert's `p`-th assignment, `p = (g -
     group_start[e]) * size + r`, if the expert has that many."""
     size, top_k = plan.group_size, plan.top_k
+    tokens = ops.maximum(num_tokens, 1)
+    if plan.group_sizes is not None:
+        # Sorted rows are the sorted order itself, masked tokens' last.
+        filled = ops.arange(size, dtype="int32") < ops.sum(plan.group_sizes)
+        token_major = (order % tokens) * top_k + order // tokens
+        return filled, ops.where(filled, token_major, 0)
     groups = ops.arange(plan.num_groups, dtype="int32")
     expert = groups if plan.group_expert is None else plan.group_expert
     p = (groups - ops.take(group_start, expert))[:, None] * size + ops.arange(
@@ -317,7 +337,6 @@ def _slots_from_order(order, counts, group_start, plan, num_tokens):
     order = ops.concatenate([order, ops.zeros((1,), order.dtype)])
     source = ops.minimum(source, ops.shape(order)[0] - 1)
     assignment = ops.take(order, ops.reshape(source, (-1,)))  # j * T + t
-    tokens = ops.maximum(num_tokens, 1)
     token_major = (assignment % tokens) * top_k + assignment // tokens
     filled = ops.reshape(filled, (-1,))
     return filled, ops.where(filled, token_major, 0)

@@ -6,6 +6,7 @@ from keras import ops
 from moe_keras import _config
 from moe_keras import _validation
 from moe_keras import dispatch as dispatch_lib
+from moe_keras import kernels
 
 
 def _per_expert_initializer(initializer, num_experts):
@@ -207,7 +208,15 @@ class DenseExperts(keras.layers.Layer):
             passes its gate weights here so that its combine needs none).
         group_experts: optional `(groups,)` expert index of each group,
             for groups that are blocks of one expert's tokens rather than
-            one group per expert (dropless dispatch).
+            one group per expert (dropless dispatch in blocks).
+        group_sizes: optional `(num_experts,)` int32. The inputs are then
+            `(rows, features)` sorted by expert, `group_sizes[e]` rows of
+            expert `e` in turn (rows past their sum are in no group), run
+            as one grouped matmul per projection (dropless dispatch on a
+            grouped matmul); `group_weights` is then `(rows,)`.
+        implementation: with `group_sizes`, the grouped matmul to run, a
+            name from `moe_keras.kernels.IMPLEMENTATIONS` other than
+            `"auto"` and `"blocks"`. Defaults to `"reference"`.
         batched: optional bool, one batched matmul over the experts axis
             (`True`) or one matmul per expert (`False`). Defaults to
             per-expert matmuls up to 8 experts, which ran faster on CPU;
@@ -329,9 +338,15 @@ class DenseExperts(keras.layers.Layer):
         group_experts=None,
         group_weights=None,
         batched=None,
+        group_sizes=None,
+        implementation=None,
         training=None,
     ):
         custom = dispatch_lib.custom_gradients(training)
+        if grouped and group_sizes is not None:
+            return self._sorted_rows(
+                inputs, group_sizes, group_weights, implementation, custom
+            )
         if grouped:
             if batched is None:
                 # A few large matmuls, one per expert, measured faster than
@@ -405,6 +420,39 @@ class DenseExperts(keras.layers.Layer):
             custom,
         )
 
+    def _sorted_rows(self, rows, sizes, row_weights, implementation, custom):
+        """Rows sorted by expert through one grouped matmul a projection:
+        no padding, and no per-row copy of any expert's weights."""
+        kernel, bias = self._first_projection()
+        bias_out = self.bias_out
+        if self.use_bias:
+            # Rows past the groups borrow the last expert's bias; the
+            # dispatch never reads their outputs.
+            expert = ops.minimum(
+                kernels.row_groups(sizes, ops.shape(rows)[0]),
+                self.num_experts - 1,
+            )
+            bias = _take(bias, expert, custom)
+            bias_out = _take(bias_out, expert, custom)
+        if row_weights is not None:
+            row_weights = ops.cast(row_weights, self.compute_dtype)
+
+        def matmul(x, weight):
+            return kernels.grouped_matmul(
+                x, weight, sizes, implementation or "reference"
+            )
+
+        return self._mlp(
+            rows,
+            kernel,
+            bias,
+            self.kernel_out,
+            bias_out,
+            row_weights,
+            custom,
+            matmul,
+        )
+
     def _mlp(
         self,
         x,
@@ -414,11 +462,13 @@ class DenseExperts(keras.layers.Layer):
         bias_out,
         row_weights=None,
         custom_gradient=True,
+        matmul=ops.matmul,
     ):
         """One expert's `[tokens, features]`, or a batch of groups with
-        leading axes on every argument. `row_weights` (`[..., tokens]`)
-        scales each row's output."""
-        h = ops.matmul(x, kernel)
+        leading axes on every argument, or rows sorted by expert with a
+        grouped `matmul`. `row_weights` (`[..., tokens]`) scales each
+        row's output."""
+        h = matmul(x, kernel)
         if bias is not None:
             h = h + bias
         # Scaling the hidden activations, before the down projection, is
@@ -426,7 +476,7 @@ class DenseExperts(keras.layers.Layer):
         h = self._activate(h, row_weights, custom_gradient)
         if kernel_out is None:
             return h
-        out = ops.matmul(h, kernel_out)
+        out = matmul(h, kernel_out)
         if bias_out is not None:
             if row_weights is not None:
                 bias_out = bias_out * row_weights[..., None]
@@ -440,6 +490,8 @@ class DenseExperts(keras.layers.Layer):
         group_experts=None,
         group_weights=None,
         batched=None,
+        group_sizes=None,
+        implementation=None,
         training=None,
     ):
         shape = tuple(inputs.shape[:-1])

@@ -9,6 +9,7 @@ from moe_keras import dispatch as dispatch_lib
 from moe_keras import distribution as distribution_lib
 from moe_keras import gates as gates_lib
 from moe_keras import group_dispatch
+from moe_keras import kernels
 from moe_keras import losses
 from moe_keras import statistics as statistics_lib
 from moe_keras import voting
@@ -41,9 +42,11 @@ class MoE(keras.layers.Layer):
       carries the position through), and the fraction dropped is the
       metric `<layer name>_dropped_fraction`.
       With `capacity_factor=None` the sparse dispatch is dropless: the
-      assignments are sorted by expert into fixed-size blocks, each expert
-      padded to whole blocks, so nothing is dropped and the padding is
-      bounded by `num_experts * block` rows.
+      assignments are sorted by expert and nothing is dropped. On a GPU or
+      TPU each projection is then one grouped matmul over the sorted rows
+      (`grouped_matmul`); elsewhere the rows are cut into fixed-size
+      blocks, each expert padded to whole blocks (the padding bounded by
+      `num_experts * block` rows), which is faster on a CPU.
     - `"auto"` picks sparse for top-k routing with `top_k < num_experts`,
       dense otherwise.
 
@@ -92,6 +95,18 @@ class MoE(keras.layers.Layer):
             depend on the rest of the batch (expert choice and expert
             lists, which have no dropless form, use
             `max(capacity_factor, 2.0)`).
+        grouped_matmul: how dropless dispatch runs the experts, one of
+            `moe_keras.kernels.IMPLEMENTATIONS`. `"auto"` (default): JAX's
+            Pallas Mosaic GPU kernels on NVIDIA Hopper (bfloat16
+            or float16 experts, sizes multiples of 64), JAX's Megablox
+            kernels on a TPU, torch's `grouped_mm` on CUDA (bfloat16), and
+            otherwise (CPU, TensorFlow, older GPUs) `"blocks"`, the padded
+            block layout. Naming one forces it, for debugging and
+            benchmarks (`"ragged_dot"`: XLA's `jax.lax.ragged_dot`;
+            `"reference"`: one matmul per expert, any backend); one that
+            cannot run here is a `ValueError` at build naming what is
+            missing. Stacked experts only; ignored under `token_groups`
+            or a distribution's expert layout, which use capacity buffers.
         token_groups: int or None. With an int G the sparse top-k dispatch
             splits the tokens of a batch into G equal groups (the last
             padded), each routed alone with its own capacity
@@ -170,6 +185,7 @@ class MoE(keras.layers.Layer):
         dispatch="auto",
         capacity_factor=1.25,
         eval_capacity_factor=None,
+        grouped_matmul="auto",
         token_groups=None,
         load_balance_weight=0.01,
         global_load_balance=False,
@@ -256,6 +272,18 @@ class MoE(keras.layers.Layer):
         self.eval_capacity_factor = _validation.positive_float(
             eval_capacity_factor, "eval_capacity_factor", allow_none=True
         )
+        self.grouped_matmul = _validation.one_of(
+            grouped_matmul, "grouped_matmul", kernels.IMPLEMENTATIONS
+        )
+        if isinstance(self.experts, ExpertList) and grouped_matmul not in (
+            "auto",
+            "blocks",
+        ):
+            raise ValueError(
+                f"`grouped_matmul={grouped_matmul!r}` runs stacked expert "
+                "weights; a list of `experts` has none. Leave it 'auto'."
+            )
+        self._grouped_matmul = "blocks"  # resolved in `build`
         self.token_groups = _validation.positive_int(
             token_groups, "token_groups", allow_none=True
         )
@@ -402,6 +430,12 @@ class MoE(keras.layers.Layer):
                 f"The experts output {self.experts.units} features but the "
                 f"layer has units={self.units}."
             )
+        if isinstance(self.experts, DenseExperts):
+            self._grouped_matmul = kernels.select_implementation(
+                self.grouped_matmul,
+                self.experts.compute_dtype,
+                self._expert_projections(features),
+            )
         if self.combine == "vote":
             # Fails at build, not at the first predict, where a layer can
             # never vote (regression or shared experts, expert choice).
@@ -502,14 +536,24 @@ class MoE(keras.layers.Layer):
         capacity = dispatch_lib.capacity(
             ops.shape(x)[0], self.top_k, self.num_experts, capacity_factor
         )
+        sorted_rows = capacity is None and self._grouped_matmul != "blocks"
         plan = dispatch_lib.RoutePlan(
             indices,
             self.num_experts,
             capacity,
             valid,
             custom_gradient=dispatch_lib.custom_gradients(training),
+            sorted_rows=sorted_rows,
         )
         buffers = dispatch_lib.dispatch(x, plan)  # [groups, size, features]
+        expert_kwargs = {"group_experts": plan.group_expert}
+        if sorted_rows:
+            # One group of rows sorted by expert, for a grouped matmul.
+            buffers = buffers[0]  # [tokens * k, features]
+            expert_kwargs = {
+                "group_sizes": plan.group_sizes,
+                "implementation": self._grouped_matmul,
+            }
         dropped = None
         if capacity is not None:
             dropped = plan.dropped / ops.maximum(plan.routed, 1.0)
@@ -517,16 +561,17 @@ class MoE(keras.layers.Layer):
             # The experts weight their own hidden activations: the combine
             # is then a plain gather-sum, and the step keeps no slot-sized
             # product of outputs for the gate weights' gradient.
+            row_weights = dispatch_lib.slot_weights(weights, plan)
             outputs = self.experts(
                 buffers,
                 grouped=True,
-                group_experts=plan.group_expert,
-                group_weights=dispatch_lib.slot_weights(weights, plan),
+                group_weights=row_weights[0] if sorted_rows else row_weights,
+                **expert_kwargs,
             )
             return dispatch_lib.combine(outputs, None, plan), dropped
         outputs = self.experts(
-            buffers, grouped=True, group_experts=plan.group_expert
-        )  # [groups, size, units]
+            buffers, grouped=True, **expert_kwargs
+        )  # [groups, size, units], or [rows, units] sorted
         return dispatch_lib.combine(outputs, weights, plan), dropped
 
     def _grouped_token_choice(
@@ -681,6 +726,15 @@ class MoE(keras.layers.Layer):
             self.gate.balance_distribution(routing["probs"]), valid
         )
 
+    def _expert_projections(self, features):
+        """`(in, out)` features of each expert matmul."""
+        experts = self.experts
+        first = experts.hidden_units or experts.units
+        width = 2 * first if experts.gated else first
+        if experts.hidden_units is None:
+            return [(features, width)]
+        return [(features, width), (experts.hidden_units, experts.units)]
+
     def _experts_scale_rows(self, weights):
         return (
             isinstance(self.experts, DenseExperts)
@@ -808,6 +862,7 @@ class MoE(keras.layers.Layer):
                 "dispatch": self.dispatch,
                 "capacity_factor": self.capacity_factor,
                 "eval_capacity_factor": self.eval_capacity_factor,
+                "grouped_matmul": self.grouped_matmul,
                 "token_groups": self.token_groups,
                 "load_balance_weight": self.load_balance_weight,
                 "global_load_balance": self.global_load_balance,

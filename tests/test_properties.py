@@ -6,7 +6,8 @@ gates, expert forms and dispatch modes, and checks what must hold for
 every one of them:
 
 - the sparse dispatch equals a NumPy recount of the routing, with
-  exactly the assignments the capacity rule drops (none when dropless);
+  exactly the assignments the capacity rule drops (none when dropless,
+  in blocks or on sorted rows with a grouped matmul);
 - where nothing is dropped it equals the dense dispatch, in outputs and
   in the weights after one Adam step;
 - no value crosses between samples: a NaN in one sample leaves every
@@ -35,6 +36,7 @@ SETTINGS = settings(
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
+GROUPED = ["blocks", "reference"] + (["ragged_dot"] if BACKEND == "jax" else [])
 EXPERT_FORMS = [
     dict(),
     dict(hidden_units=5, activation="relu"),
@@ -65,6 +67,9 @@ def configs(draw):
         masked=draw(st.booleans(), label="masked") and rank == 3,
         training=draw(st.booleans(), label="training"),
         seed=draw(st.integers(0, 2**16), label="seed"),
+        # How dropless runs its experts: blocks, or sorted rows on a
+        # grouped matmul (any shape runs on these two).
+        grouped_matmul=draw(st.sampled_from(GROUPED), label="grouped"),
     )
 
 
@@ -77,6 +82,7 @@ def _layer(config, dispatch):
         dispatch=dispatch,
         capacity_factor=config["capacity_factor"],
         eval_capacity_factor=config["capacity_factor"],
+        grouped_matmul=config["grouped_matmul"],
         **EXPERT_FORMS[config["form"]],
     )
     layer.build(config["shape"] + (config["features"],))

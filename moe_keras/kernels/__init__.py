@@ -1,0 +1,210 @@
+"""One grouped matmul for the expert bank, and the choice of how to run it.
+
+`grouped_matmul(x, w, group_sizes, implementation)` computes, over rows
+sorted by group, `y[rows of group g] = x[rows of group g] @ w[g]`, with
+`group_sizes` the `[G]` row count of each group in order. Rows past
+`sum(group_sizes)` are in no group and come out as 0. It is differentiable
+in `x` and `w` on every implementation, the weight gradient a dense
+`[G, K, N]`.
+
+Implementations (`IMPLEMENTATIONS`), chosen once per layer by
+`select_implementation`:
+
+- `"mosaic_gpu"`: JAX on an NVIDIA Hopper GPU (compute capability 9.x,
+  H100/H200): the Pallas Mosaic GPU kernels that ship with JAX
+  (`ragged_dot_mgpu`, `transposed_ragged_dot_mgpu` for the weight
+  gradient), bfloat16 or float16, feature sizes multiples of 64.
+- `"megablox"`: JAX on a TPU: the Megablox kernels that ship with JAX
+  (`gmm`, `tgmm`).
+- `"torch"`: torch's `torch.nn.functional.grouped_mm` (CUDA with
+  bfloat16 under `"auto"`; forced, it runs wherever the installed torch
+  runs it, the CPU included).
+- `"ragged_dot"`: XLA's `jax.lax.ragged_dot`, any JAX platform. Right but
+  slow on a GPU (XLA lowers it to a masked dense dot); the reference the
+  kernels are checked against.
+- `"reference"`: one matmul per group over all rows, then a select, in
+  `keras.ops`: any backend, `G` times the work. For debugging.
+- `"blocks"`: no grouped matmul: the dropless dispatch pads each expert's
+  rows to whole blocks and gathers each block's weights (see
+  `dispatch.RoutePlan`). On a CPU this is the fastest form, and it is what
+  `"auto"` picks wherever no kernel above applies (CPU, older GPUs,
+  TensorFlow, float32 on a GPU).
+"""
+
+from keras import backend
+from keras import ops
+
+IMPLEMENTATIONS = (
+    "auto",
+    "blocks",
+    "mosaic_gpu",
+    "megablox",
+    "torch",
+    "ragged_dot",
+    "reference",
+)
+
+_BACKENDS = {
+    "mosaic_gpu": "jax",
+    "megablox": "jax",
+    "ragged_dot": "jax",
+    "torch": "torch",
+}
+
+
+def select_implementation(requested, dtype, projections):
+    """The implementation a layer runs its dropless experts with.
+
+    Args:
+        requested: one of `IMPLEMENTATIONS`; `"auto"` picks by backend,
+            platform and shapes.
+        dtype: the experts' compute dtype.
+        projections: `(in_features, out_features)` of each expert matmul.
+
+    Returns:
+        The name of an implementation other than `"auto"`.
+
+    Raises:
+        ValueError: `requested` is not an implementation, or cannot run
+            here; the message names what is missing.
+    """
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"`grouped_matmul` must be one of {IMPLEMENTATIONS}; received "
+            f"grouped_matmul={requested!r}."
+        )
+    if requested == "auto":
+        for name in ("mosaic_gpu", "megablox", "torch"):
+            if _missing(name, dtype, projections, automatic=True) is None:
+                return name
+        return "blocks"
+    problem = _missing(requested, dtype, projections)
+    if problem is not None:
+        raise ValueError(
+            f"grouped_matmul={requested!r} cannot run here: it needs {problem}."
+        )
+    return requested
+
+
+def _missing(name, dtype, projections, automatic=False):
+    """What `name` needs that this process lacks, or `None`."""
+    if name in ("blocks", "reference"):
+        return None
+    needed = _BACKENDS[name]
+    if backend.backend() != needed:
+        return f"the {needed} backend (KERAS_BACKEND is {backend.backend()!r})"
+    if name == "torch":
+        from moe_keras.kernels import _torch
+
+        if not _torch.available():
+            return "torch.nn.functional.grouped_mm (torch 2.8 or newer)"
+        if automatic:
+            if _torch.cuda_capability() is None:
+                return "a CUDA device"
+            if dtype != "bfloat16":
+                return "bfloat16 experts"
+        width = 2 if dtype in ("bfloat16", "float16") else 4
+        if any((k * width) % 16 or (n * width) % 16 for k, n in projections):
+            return (
+                f"feature sizes that are whole 16-byte rows in {dtype} "
+                f"(multiples of {16 // width}); the projections are "
+                f"{projections}"
+            )
+        return None
+    from moe_keras.kernels import _jax
+
+    if name == "ragged_dot":
+        return None if not automatic else "never chosen automatically"
+    if name == "megablox":
+        if _jax.platform() != "tpu":
+            return f"a TPU (JAX's platform is {_jax.platform()!r})"
+        return _importable("jax.experimental.pallas.ops.tpu.megablox.gmm")
+    capability = _jax.gpu_compute_capability()
+    # The kernels issue Hopper's wgmma instructions, which Blackwell
+    # (10.x) and older GPUs lack.
+    if capability is None or capability[0] != 9:
+        return (
+            "an NVIDIA Hopper GPU, compute capability 9.x (JAX's platform "
+            f"is {_jax.platform()!r}, capability {capability})"
+        )
+    if dtype not in ("bfloat16", "float16"):
+        return f"bfloat16 or float16 experts (the experts compute in {dtype})"
+    for k, n in projections:
+        problem = _jax.mosaic_shape_problem(k, n)
+        if problem is not None:
+            return problem
+    return _importable(
+        "jax.experimental.pallas.ops.gpu.ragged_dot_mgpu",
+        "jax.experimental.pallas.ops.gpu.transposed_ragged_dot_mgpu",
+    )
+
+
+def _importable(*modules):
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            return f"{module}, which this JAX lacks ({error})"
+    return None
+
+
+def grouped_matmul(x, w, group_sizes, implementation="reference"):
+    """`[M, K]` rows sorted by group, `[G, K, N]` weights and `[G]` int32
+    group sizes -> `[M, N]`.
+
+    Args:
+        x: `[M, K]` rows, those of group 0 first, then group 1, ...
+        w: `[G, K, N]` one weight matrix per group.
+        group_sizes: `[G]` int32 rows in each group; their sum may be less
+            than `M` (rows past it come out as 0), never more.
+        implementation: a name from `select_implementation` (not
+            `"auto"` or `"blocks"`).
+
+    Returns:
+        `[M, N]` in the dtype of `x`, accumulated in float32.
+    """
+    x = ops.convert_to_tensor(x)
+    w = ops.cast(w, x.dtype)
+    group_sizes = ops.cast(group_sizes, "int32")
+    rows = ops.shape(x)[0]
+    if isinstance(rows, int) and rows == 0:
+        # No rows (an empty batch): kernels tile rows and may not take 0.
+        return ops.matmul(x, w[0])
+    if implementation == "reference":
+        return reference_grouped_matmul(x, w, group_sizes)
+    if implementation == "torch":
+        from moe_keras.kernels import _torch
+
+        return _torch.grouped_mm(x, w, group_sizes)
+    from moe_keras.kernels import _jax
+
+    kernels = {
+        "mosaic_gpu": _jax.mosaic_gpu,
+        "megablox": _jax.megablox,
+        "ragged_dot": _jax.ragged_dot,
+    }
+    if implementation not in kernels:
+        raise ValueError(
+            f"No grouped matmul named {implementation!r}; expected one of "
+            f"{('reference', 'torch', *kernels)}."
+        )
+    return kernels[implementation](x, w, group_sizes)
+
+
+def row_groups(group_sizes, num_rows):
+    """`[M]` int32: the group of each row (`G` past the last group)."""
+    ends = ops.cumsum(ops.cast(group_sizes, "int32"))
+    rows = ops.arange(num_rows, dtype="int32")
+    return ops.cast(ops.searchsorted(ends, rows, side="right"), "int32")
+
+
+def reference_grouped_matmul(x, w, group_sizes):
+    """`grouped_matmul` as one `keras.ops` matmul per group and a select:
+    plain autodiff, any backend."""
+    groups = row_groups(group_sizes, ops.shape(x)[0])[:, None]
+    y = ops.zeros((ops.shape(x)[0], ops.shape(w)[-1]), x.dtype)
+    for g in range(ops.shape(w)[0]):
+        y = ops.where(groups == g, ops.matmul(x, w[g]), y)
+    return y
