@@ -45,16 +45,30 @@ class RoutingMetrics(keras.callbacks.Callback):
 
     `evaluate` returns what it always returns; its routing statistics are
     in `evaluate_logs` afterwards (and in the logs that callbacks after
-    this one see at the end of the evaluation).
+    this one see at the end of the evaluation). The model's `MoE` layers
+    must keep routing statistics (`routing_statistics=True`, the default):
+    a `ValueError` otherwise, as for a model with no `MoE` layer.
+
+    Attributes:
+        evaluate_logs: dict, the routing statistics of the last
+            evaluation, by log name.
 
     Example:
 
-    ```python
-    history = model.fit(x, y, epochs=3, callbacks=[RoutingMetrics()])
-    routing = RoutingMetrics()
-    model.evaluate(x, y, callbacks=[routing])
-    routing.evaluate_logs  # {"moe_load_imbalance": ..., ...}
-    ```
+    >>> model = keras.Sequential(
+    ...     [keras.Input((4,)), MoE(4, 2, top_k=1, name="moe")]
+    ... )
+    >>> model.compile("sgd", "mse")
+    >>> x, y = np.random.rand(8, 4), np.random.rand(8, 2)
+    >>> history = model.fit(x, y, epochs=1, verbose=0,
+    ...                     callbacks=[RoutingMetrics()])
+    >>> sorted(name for name in history.history if name.startswith("moe_"))
+    ['moe_aux_loss', 'moe_dropped_fraction', 'moe_load_balance_loss',
+     'moe_load_imbalance', 'moe_router_entropy', 'moe_z_loss']
+    >>> routing = RoutingMetrics()
+    >>> _ = model.evaluate(x, y, verbose=0, callbacks=[routing])
+    >>> sorted(routing.evaluate_logs)  # dropless at inference: no drops
+    ['moe_load_imbalance', 'moe_router_entropy']
     """
 
     def __init__(self):
@@ -114,17 +128,36 @@ class ExpertLoadCallback(keras.callbacks.Callback):
     (masks, `routing_ids` inputs and all; the layers' inference
     statistics are put back afterwards). Layers made with
     `routing_statistics=False` are probed by their gate alone, on their
-    inputs without masks or routing ids.
-
-    `history` maps each layer's name to a `[epochs, experts]` array.
+    inputs without masks or routing ids; without `data` they are a
+    `ValueError` when training begins.
 
     Args:
         data: optional array (or list of arrays) of model inputs to probe
-            the routing with.
+            the routing with. Defaults to `None`: the training batches'
+            statistics.
         log_dir: optional TensorBoard directory: per-expert load scalars
-            (`<layer>/expert_<i>`) and a histogram per layer, each epoch.
+            (`<layer>/expert_<i>`) and a histogram per layer, each epoch
+            (needs TensorFlow and tensorboard). Defaults to `None`.
         heatmap_path: optional PNG path: at the end of training, a heat map
             of load over epochs for every MoE layer (needs matplotlib).
+            Defaults to `None`.
+
+    Attributes:
+        history: dict mapping each layer's name to its loads, a list of
+            `[experts]` arrays while training and a `[epochs, experts]`
+            array when it ends.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), MoE(4, 2, name="moe")])
+    >>> model.compile("sgd", "mse")
+    >>> loads = ExpertLoadCallback()
+    >>> x, y = np.random.rand(8, 4), np.random.rand(8, 2)
+    >>> _ = model.fit(x, y, epochs=1, verbose=0, callbacks=[loads])
+    >>> loads.history["moe"].shape  # (epochs, experts)
+    (1, 4)
+    >>> round(float(loads.history["moe"].sum()), 3)  # fractions of all
+    1.0
     """
 
     def __init__(self, data=None, log_dir=None, heatmap_path=None):
@@ -265,12 +298,12 @@ def accuracy_score(y_true, y_pred):
 
 
 class ExpertPerformanceCallback(keras.callbacks.Callback):
-    """Measures each expert's performance alone and weights the experts by
-    it: the classic performance-based weights `W_e = p_e / sum_j p_j`.
+    """Weights the experts by their measured performance, `p_e / sum_j p_j`.
 
-    For every `MoE` layer whose gate is a `PerformanceGate`, and every
-    expert e of it, the model predicts `validation_data` with that layer
-    sending everything to expert e alone (its scores set to one-hot e);
+    This is the classic performance-based weighting. For every `MoE`
+    layer whose gate is a `PerformanceGate`, and every expert e of it, the
+    model predicts `validation_data` with that layer sending everything to
+    expert e alone (its scores set to one-hot e, with the dense dispatch);
     `p_e` is `metric` of those predictions (by default accuracy). The
     measured scores are then set on the gate, so the next epoch (and
     `predict`, and the saved model) uses them. That costs one `predict`
@@ -279,14 +312,19 @@ class ExpertPerformanceCallback(keras.callbacks.Callback):
     say).
 
     If every expert of a layer scores 0, the layer keeps its scores (the
-    weights `p / sum(p)` would be undefined) and a warning is printed.
+    weights `p / sum(p)` would be undefined) and a warning is printed. A
+    model with no `PerformanceGate` is a `ValueError` when training
+    begins.
 
     Args:
-        validation_data: `(x, y)`: inputs and targets to score on.
+        validation_data: tuple `(x, y)`, inputs and targets to score on (a
+            `ValueError` otherwise).
         metric: `"accuracy"` (integer or one-hot labels; one output column
             is read as the positive class's probability) or a callable
-            `metric(y_true, y_pred) -> float`, >= 0 and higher for better.
-        batch_size: int or None, for `predict`.
+            `metric(y_true, y_pred) -> float`, >= 0 and higher for better
+            (a `TypeError` otherwise). Defaults to `"accuracy"`.
+        batch_size: int or None, for `predict`. Defaults to `None`
+            (Keras' default of 32).
 
     Attributes:
         history: dict mapping each measured layer's name to the scores of
@@ -294,14 +332,16 @@ class ExpertPerformanceCallback(keras.callbacks.Callback):
 
     Example:
 
-    ```python
-    moe = MoE(3, 4, gate=PerformanceGate())
-    model = keras.Sequential([keras.Input((8,)), moe, keras.layers.Softmax()])
-    model.compile("adam", "sparse_categorical_crossentropy")
-    callback = ExpertPerformanceCallback(validation_data=(x_val, y_val))
-    model.fit(x, y, epochs=3, callbacks=[callback])
-    callback.history[moe.name][-1]  # each expert's accuracy alone
-    ```
+    >>> moe = MoE(3, 2, gate=PerformanceGate(), name="moe")
+    >>> model = keras.Sequential(
+    ...     [keras.Input((4,)), moe, keras.layers.Softmax()]
+    ... )
+    >>> model.compile("sgd", "sparse_categorical_crossentropy")
+    >>> x, y = np.random.rand(8, 4), np.array([0, 1] * 4)
+    >>> callback = ExpertPerformanceCallback(validation_data=(x, y))
+    >>> _ = model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    >>> callback.history["moe"].shape  # one measurement of three experts
+    (1, 3)
     """
 
     def __init__(self, validation_data, metric="accuracy", batch_size=None):

@@ -46,11 +46,14 @@ def get_layout_map(
     over `model_parallel_dim_name`, and each layer's dispatch buffers are
     laid out so that token groups live on the data-parallel devices and
     experts on the model-parallel ones. Pass it to
-    `keras.distribution.ModelParallel(layout_map=...)`; merge it with your
-    own entries (e.g. `layout_map[".*dense.*kernel"] = (None, "model")`),
-    or override one layer by its exact paths, which take precedence over
-    these patterns (to keep a layer replicated: its dispatch buffers and
-    every expert weight, see the module docstring).
+    `keras.distribution.ModelParallel(layout_map=..., batch_dim_name=...)`
+    and set that distribution with `keras.distribution.set_distribution`
+    before building the model; merge it with your own entries (e.g.
+    `layout_map[".*dense.*kernel"] = (None, "model")`), or override one
+    layer by its exact paths, which take precedence over these patterns
+    (to keep a layer replicated: its dispatch buffers and every expert
+    weight, see the module docstring). The `MoE` layers lay out their
+    dispatch on the JAX backend only.
 
     The number of experts of every `MoE` layer must be divisible by the
     size of the model axis; the layer checks that when it builds. Shared
@@ -59,24 +62,35 @@ def get_layout_map(
     Args:
         device_mesh: a `keras.distribution.DeviceMesh`.
         model_parallel_dim_name: str, the mesh axis that splits experts.
+            Defaults to `"model"`.
         data_parallel_dim_name: str, the mesh axis that splits the batch.
+            Defaults to `"batch"`.
 
     Returns:
         A `keras.distribution.LayoutMap`.
 
+    Raises:
+        TypeError: `device_mesh` is not a `keras.distribution.DeviceMesh`.
+        ValueError: an axis name is not an axis of the mesh, or both name
+            the same axis.
+
     Example:
 
-    ```python
-    devices = keras.distribution.list_devices()
-    mesh = keras.distribution.DeviceMesh(
-        (2, len(devices) // 2), ["batch", "model"], devices
-    )
-    keras.distribution.set_distribution(
-        keras.distribution.ModelParallel(
-            layout_map=moe_keras.get_layout_map(mesh), batch_dim_name="batch"
-        )
-    )
-    ```
+    >>> mesh = keras.distribution.DeviceMesh(
+    ...     (1, 1), ["batch", "model"], devices=["cpu:0"]
+    ... )
+    >>> layout_map = get_layout_map(mesh)
+    >>> layout_map["sequential/moe/experts/in_kernel"].axes
+    ('model', None, None)
+    >>> layout_map["sequential/moe/experts/dispatch_buffers"].axes
+    ('model', 'batch', None, None)
+    >>> print(layout_map["sequential/moe/shared_experts/in_kernel"])
+    None
+
+    On several devices, say eight, the mesh would be
+    `DeviceMesh((2, 4), ["batch", "model"], keras.distribution.list_devices())`
+    and the distribution
+    `ModelParallel(layout_map=get_layout_map(mesh), batch_dim_name="batch")`.
     """
     if not isinstance(device_mesh, keras.distribution.DeviceMesh):
         raise TypeError(

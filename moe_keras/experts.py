@@ -186,48 +186,75 @@ class DenseExperts(keras.layers.Layer):
             `hidden_units` is None). Defaults to `None` (linear).
         gated: bool, whether the first projection is a GLU. Defaults to
             `False`.
-        use_bias: bool. Defaults to `True`.
-        kernel_initializer, bias_initializer, kernel_regularizer,
-        bias_regularizer, kernel_constraint, bias_constraint: as in `Dense`,
-            applied to every expert.
+        use_bias: bool, whether the experts have biases. Defaults to `True`.
+        kernel_initializer: initializer of the kernels `[E, in, out]`.
+            Defaults to `"glorot_uniform"`. A variance-scaling initializer
+            is scaled so that each expert gets the init a `Dense` layer of
+            its size would, not one shrunk by the experts axis.
+        bias_initializer: initializer of the biases `[E, out]`. Defaults to
+            `"zeros"`.
+        kernel_regularizer: regularizer applied to the kernels. Defaults to
+            `None`.
+        bias_regularizer: regularizer applied to the biases. Defaults to
+            `None`.
+        kernel_constraint: constraint applied to the kernels. Defaults to
+            `None`.
+        bias_constraint: constraint applied to the biases. Defaults to
+            `None`.
+        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
-    Input shape:
-        `(..., features)` when called directly; every expert is applied to
-        every position. With `grouped=True`: `(num_experts, tokens,
-        features)`, one group of tokens per expert.
-
-    Output shape:
-        `(..., num_experts, units)`, or `(num_experts, tokens, units)` with
-        `grouped=True`.
-
-    Call arguments (with `grouped=True`, as the MoE layer calls it):
-        group_weights: optional `(num_experts, tokens)` weights; each
-            row's output is scaled by its weight. With `hidden_units` the
-            scaling is applied to the hidden activations, before the down
-            projection (the same function, and cheaper: the MoE layer
-            passes its gate weights here so that its combine needs none).
-        group_experts: optional `(groups,)` expert index of each group,
+    Call arguments:
+        inputs: float tensor, see the input shapes below.
+        grouped: bool. `False` (default): every expert on every position.
+            `True`: one group of tokens per expert (the `MoE` layer's
+            dispatch buffers).
+        group_weights: optional weights of the rows, `(num_experts, tokens)`
+            (`(rows,)` with `group_sizes`); each row's output is scaled by
+            its weight. With `hidden_units` the scaling is applied to the
+            hidden activations, before the down projection (the same
+            function, and cheaper: the MoE layer passes its gate weights
+            here so that its combine needs none).
+        group_experts: optional `(groups,)` int expert index of each group,
             for groups that are blocks of one expert's tokens rather than
             one group per expert (dropless dispatch in blocks).
         group_sizes: optional `(num_experts,)` int32. The inputs are then
             `(rows, features)` sorted by expert, `group_sizes[e]` rows of
             expert `e` in turn (rows past their sum are in no group), run
             as one grouped matmul per projection (dropless dispatch on a
-            grouped matmul); `group_weights` is then `(rows,)`.
+            grouped matmul).
         implementation: with `group_sizes`, the grouped matmul to run, a
             name from `moe_keras.kernels.IMPLEMENTATIONS` other than
             `"auto"` and `"blocks"`. Defaults to `"reference"`.
         batched: optional bool, one batched matmul over the experts axis
             (`True`) or one matmul per expert (`False`). Defaults to
-            per-expert matmuls up to 8 experts, which ran faster on CPU;
-            expert parallelism needs the batched form, since a per-expert
-            slice of a sharded kernel would move that expert's weights.
+            per-expert matmuls on a CPU with up to 8 experts, which ran
+            faster there, and the batched form otherwise; expert
+            parallelism needs the batched form, since a per-expert slice of
+            a sharded kernel would move that expert's weights.
+        training: bool or None, whether the call is for training.
+
+    Input shape:
+        `(..., features)` when called directly; every expert is applied to
+        every position. With `grouped=True`: `(num_experts, tokens,
+        features)`, one group of tokens per expert; `(groups, tokens,
+        features)` with `group_experts`; `(rows, features)` with
+        `group_sizes`.
+
+    Output shape:
+        `(..., num_experts, units)`. With `grouped=True`: `(num_experts,
+        tokens, units)`, `(groups, tokens, units)` with `group_experts`, or
+        `(rows, units)` with `group_sizes`.
 
     Example:
 
-    >>> experts = DenseExperts(num_experts=4, units=8, hidden_units=16)
-    >>> experts(np.zeros((2, 3), "float32")).shape
-    (2, 4, 8)
+    >>> experts = DenseExperts(num_experts=4, units=2, hidden_units=4)
+    >>> tuple(experts(np.zeros((5, 3), "float32")).shape)
+    (5, 4, 2)
+    >>> buffers = np.zeros((4, 6, 3), "float32")  # 6 tokens for each expert
+    >>> tuple(experts(buffers, grouped=True).shape)
+    (4, 6, 2)
+    >>> tuple(experts.kernel_in.shape), tuple(experts.kernel_out.shape)
+    ((4, 3, 4), (4, 4, 2))
     """
 
     def __init__(
@@ -524,12 +551,44 @@ class ExpertList(keras.layers.Layer):
     `units` for all; inside, they can be anything (an MLP of another width,
     a residual block...). They run one after another, each on its own
     static-shape group of tokens, so dense and capacity-based dispatch both
-    work; the dropless block layout needs stacked weights and does not.
+    work; dropless sparse dispatch needs stacked weights and does not.
+    `MoE(experts=[...])` makes one.
 
     Args:
-        experts: list of Keras layers.
+        experts: non-empty list (or tuple) of Keras layers, or of their
+            serialized configs. A `ValueError` if empty, a `TypeError` if
+            one is not a layer.
+        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
-    Input/output shape: as `DenseExperts`.
+    Call arguments:
+        inputs: float tensor, see the input shapes below.
+        grouped: bool. `False` (default): every expert on every position.
+            `True`: one group of tokens per expert.
+        group_experts: must be `None`: blocks of one expert's tokens (the
+            dropless dispatch) need stacked weights, and are a `ValueError`.
+
+    Input shape:
+        `(..., features)`; with `grouped=True`, `(num_experts, tokens,
+        features)`.
+
+    Output shape:
+        `(..., num_experts, units)`; with `grouped=True`, `(num_experts,
+        tokens, units)`.
+
+    Example:
+
+    >>> experts = ExpertList([keras.layers.Dense(2), keras.layers.Dense(2)])
+    >>> tuple(experts(np.zeros((5, 3), "float32")).shape)
+    (5, 2, 2)
+
+    As the experts of an `MoE` layer (here a dense mixture), one of them
+    a small MLP:
+
+    >>> mlp = keras.Sequential([keras.layers.Dense(4, "relu"),
+    ...                         keras.layers.Dense(2)])
+    >>> layer = MoE(experts=[keras.layers.Dense(2), mlp])
+    >>> tuple(layer(np.zeros((6, 5), "float32")).shape)
+    (6, 2)
     """
 
     def __init__(self, experts, **kwargs):

@@ -29,6 +29,22 @@ def assignment_fraction(expert_indices, num_experts, mask=None):
 
     Each of a token's k choices counts as one assignment; masked tokens
     count for nothing. Sums to 1 (0 if every token is masked).
+
+    Args:
+        expert_indices: `[tokens, k]` int, the experts each token chose.
+        num_experts: int, E.
+        mask: optional `[tokens]`, 1 (or `True`) for a real token and 0 for
+            padding. Defaults to `None`: every token counts.
+
+    Returns:
+        A float32 `[E]` tensor.
+
+    Example:
+
+    >>> indices = np.array([[0], [0], [1], [2]])
+    >>> fraction = moe_keras.losses.assignment_fraction(indices, 4)
+    >>> keras.ops.convert_to_numpy(fraction).tolist()
+    [0.5, 0.25, 0.25, 0.0]
     """
     choices = ops.one_hot(expert_indices, num_experts, dtype="float32")
     return _masked_mean(ops.mean(choices, axis=1), mask)
@@ -52,14 +68,27 @@ def load_balance_loss(
         expert_indices: `[tokens, k]` int, the experts each token chose.
         num_experts: int, E.
         mask: optional `[tokens]`; masked tokens count in neither term.
+            Defaults to `None`.
         total: optional function summing a vector over more batches than
             this one (the replicas of a `tf.distribute` step): `f` then
             counts all of them, and this batch's `P` is weighted by its
             share of their tokens, so that the mean of the batches' losses
-            is the loss of all their tokens together.
+            is the loss of all their tokens together. Defaults to `None`.
 
     Returns:
         A float32 scalar.
+
+    Example:
+
+    >>> probs = np.full((4, 4), 0.25, "float32")  # an undecided router
+    >>> indices = np.array([[0], [1], [2], [3]])  # one token per expert
+    >>> loss = moe_keras.losses.load_balance_loss(probs, indices, 4)
+    >>> round(float(loss), 3)
+    1.0
+    >>> indices = np.zeros((4, 1), "int32")  # all to expert 0
+    >>> probs = np.array([[0.7, 0.1, 0.1, 0.1]] * 4, "float32")
+    >>> round(float(moe_keras.losses.load_balance_loss(probs, indices, 4)), 3)
+    2.8
     """
     router_probs = ops.cast(router_probs, "float32")
     mean_prob = _masked_mean(router_probs, mask)  # [experts]
@@ -98,9 +127,16 @@ def router_z_loss(router_logits, mask=None):
     Args:
         router_logits: `[tokens, experts]` float logits.
         mask: optional `[tokens]`; masked tokens are left out of the mean.
+            Defaults to `None`.
 
     Returns:
         A float32 scalar.
+
+    Example:
+
+    >>> logits = np.zeros((2, 4), "float32")  # logsumexp = log(4)
+    >>> round(float(moe_keras.losses.router_z_loss(logits)), 3)
+    1.922
     """
     router_logits = ops.cast(router_logits, "float32")
     log_z = ops.logsumexp(router_logits, axis=-1)
@@ -108,7 +144,24 @@ def router_z_loss(router_logits, mask=None):
 
 
 def cv_squared(values):
-    """Squared coefficient of variation, `var(v) / mean(v)^2`, of `[E]`."""
+    """Squared coefficient of variation, `var(v) / mean(v)^2`, of `[E]`.
+
+    0 when every value is the same; the balancing losses of Shazeer et al.
+    (2017) apply it to per-expert totals.
+
+    Args:
+        values: `[E]` floats.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    >>> round(float(moe_keras.losses.cv_squared(np.array([1.0, 1.0, 1.0]))), 3)
+    0.0
+    >>> round(float(moe_keras.losses.cv_squared(np.array([2.0, 0.0]))), 3)
+    1.0
+    """
     values = ops.cast(values, "float32")
     mean = ops.mean(values)
     return ops.mean(ops.square(values - mean)) / (ops.square(mean) + 1e-10)
@@ -124,7 +177,19 @@ def importance_loss(gates, mask=None):
 
     Args:
         gates: `[tokens, experts]` combine weights (zero off the top-k).
-        mask: optional `[tokens]`.
+        mask: optional `[tokens]`; masked tokens' weights are left out.
+            Defaults to `None`.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    >>> gates = np.array([[1.0, 0.0], [1.0, 0.0]], "float32")
+    >>> round(float(moe_keras.losses.importance_loss(gates)), 3)
+    1.0
+    >>> round(float(moe_keras.losses.importance_loss(np.eye(2))), 3)
+    0.0
     """
     gates = ops.cast(gates, "float32")
     if mask is not None:
@@ -143,9 +208,24 @@ def noisy_load_loss(clean_logits, noisy_logits, noise_std, top_k, mask=None):
     "Outrageously Large Neural Networks", appendix A (eq. 8-10).
 
     Args:
-        clean_logits, noisy_logits, noise_std: `[tokens, experts]`.
+        clean_logits: `[tokens, experts]`, the router's logits.
+        noisy_logits: `[tokens, experts]`, the logits with noise added, from
+            which the top-k was taken.
+        noise_std: `[tokens, experts]`, the standard deviation of the noise.
         top_k: int k, smaller than the number of experts.
-        mask: optional `[tokens]`.
+        mask: optional `[tokens]`; masked tokens count for no expert.
+            Defaults to `None`.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    >>> logits = np.zeros((2, 4), "float32")  # every expert equally likely
+    >>> std = np.ones((2, 4), "float32")
+    >>> loss = moe_keras.losses.noisy_load_loss(logits, logits, std, top_k=1)
+    >>> round(float(loss), 3)
+    0.0
     """
     clean_logits, noisy_logits, noise_std = (
         ops.convert_to_tensor(v)
@@ -165,8 +245,26 @@ def noisy_load_loss(clean_logits, noisy_logits, noise_std, top_k, mask=None):
 
 
 def router_entropy(router_probs, mask=None):
-    """Mean entropy (nats) of the router's distribution over experts; high
-    means undecided routing, `log E` at most."""
+    """Mean entropy (nats) of the router's distribution over experts.
+
+    High means undecided routing, `log E` at most. The router's scores are
+    normalised to sum to 1 first, so sigmoid scores are read as a
+    distribution too.
+
+    Args:
+        router_probs: `[tokens, experts]` non-negative scores.
+        mask: optional `[tokens]`; masked tokens are left out of the mean.
+            Defaults to `None`.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    >>> probs = np.full((2, 4), 0.25, "float32")
+    >>> round(float(moe_keras.losses.router_entropy(probs)), 3)  # log(4)
+    1.386
+    """
     p = ops.cast(router_probs, "float32")
     p = p / ops.maximum(ops.sum(p, axis=-1, keepdims=True), 1e-9)
     entropy = -ops.sum(p * ops.log(ops.maximum(p, 1e-9)), axis=-1)

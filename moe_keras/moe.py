@@ -40,15 +40,17 @@ class MoE(keras.layers.Layer):
       (`jit_compile=True`, JAX). Choices beyond an expert's capacity are
       dropped: they contribute zero (a residual connection around the layer
       carries the position through), and the fraction dropped is the
-      metric `<layer name>_dropped_fraction`.
+      statistic `dropped_fraction` (see `RoutingMetrics`).
       With `capacity_factor=None` the sparse dispatch is dropless: the
-      assignments are sorted by expert and nothing is dropped. On a GPU or
-      TPU each projection is then one grouped matmul over the sorted rows
-      (`grouped_matmul`); elsewhere the rows are cut into fixed-size
-      blocks, each expert padded to whole blocks (the padding bounded by
-      `num_experts * block` rows), which is faster on a CPU.
-    - `"auto"` picks sparse for top-k routing with `top_k < num_experts`,
-      dense otherwise.
+      assignments are sorted by expert and nothing is dropped. Where a
+      grouped-matmul kernel applies (see `grouped_matmul`: JAX on an NVIDIA
+      Hopper GPU or a TPU, torch on CUDA) each projection is then one
+      grouped matmul over the sorted rows; elsewhere (CPU, TensorFlow, other
+      GPUs) the rows are cut into fixed-size blocks, each expert padded to
+      whole blocks (the padding bounded by `num_experts * block` rows), which
+      is the faster form on a CPU.
+    - `"auto"` picks sparse for top-k routing with `top_k < num_experts`
+      (and for expert-choice gates), dense otherwise.
 
     Like `Dense`, the layer keeps a non-finite input (or an overflow inside
     an expert) in its own position's output: dropped assignments, empty
@@ -69,25 +71,37 @@ class MoE(keras.layers.Layer):
     callback to see it in the logs.
 
     Args:
-        num_experts: int, number of experts (may be left out with `experts`).
-        units: int, output features of every expert and of the layer (may
-            be left out with `experts`).
+        num_experts: int, number of experts. Defaults to `None`, allowed
+            only with `experts`, whose length it must then match.
+        units: int, output features of every expert and of the layer.
+            Defaults to `None`, allowed only with `experts` (whose output
+            width it then is).
         experts: optional list of Keras layers to use as the experts, each
-            mapping `(tokens, features)` to `(tokens, units)`.
+            mapping `(tokens, features)` to `(tokens, units)` (an
+            `ExpertList`). Defaults to `None`: stacked `DenseExperts` made
+            from `num_experts`, `units`, `hidden_units` and the options
+            below.
         hidden_units: int or None. If set, each expert is a two-layer MLP
-            `units(hidden) -> activation -> units`.
+            `units(hidden) -> activation -> units`. Defaults to `None` (one
+            projection).
         activation: activation of the experts' hidden layer (or of their
-            output without `hidden_units`). Defaults to `None`.
+            output without `hidden_units`). Defaults to `None` (linear).
         gated: bool, GLU experts (SwiGLU with `activation="silu"`).
+            Defaults to `False`.
         use_bias: bool, biases in the experts. Defaults to `True`.
         num_shared_experts: int >= 0, experts every position passes through,
             added to the routed mixture: `y = shared(x) + sum_i g_i e_i(x)`
-            (DeepSeekMoE; DeepSpeed's residual MoE). Defaults to 0.
-        shared_hidden_units: hidden size of the shared experts. Defaults to
-            `hidden_units`.
-        gate: `"softmax"`, `"sigmoid"` or a `moe_keras.Gate` instance.
+            (DeepSeekMoE; DeepSpeed's residual MoE). Needs `units`.
+            Defaults to 0.
+        shared_hidden_units: int or None, hidden size of the shared experts.
+            Defaults to `None`: `hidden_units`.
+        gate: `"softmax"`, `"sigmoid"`, a gate function (a callable on the
+            router's `[tokens, experts]` logits, which makes an
+            `ActivationGate`) or a `moe_keras.Gate` instance. Defaults to
+            `"softmax"`.
         top_k: int in `[1, num_experts]`, or `None` for the dense mixture.
-        dispatch: `"auto"`, `"dense"` or `"sparse"`.
+            Defaults to `None`.
+        dispatch: `"auto"`, `"dense"` or `"sparse"`. Defaults to `"auto"`.
         capacity_factor: finite float > 0, or `None` for dropless sparse
             dispatch. Defaults to 1.25 (Switch Transformer).
         eval_capacity_factor: finite float > 0 used when not training.
@@ -100,7 +114,7 @@ class MoE(keras.layers.Layer):
             Pallas Mosaic GPU kernels on NVIDIA Hopper (bfloat16
             or float16 experts, sizes multiples of 64), JAX's Megablox
             kernels on a TPU, torch's `grouped_mm` on CUDA (bfloat16), and
-            otherwise (CPU, TensorFlow, older GPUs) `"blocks"`, the padded
+            otherwise (CPU, TensorFlow, other GPUs) `"blocks"`, the padded
             block layout. Naming one forces it, for debugging and
             benchmarks (`"ragged_dot"`: XLA's `jax.lax.ragged_dot`;
             `"reference"`: one matmul per expert, any backend); one that
@@ -132,40 +146,62 @@ class MoE(keras.layers.Layer):
         routing_statistics: bool, keep `layer.statistics`. Defaults to
             `True`; `False` makes no variables and costs nothing.
         log_expert_load: bool, with `RoutingMetrics`, also log each
-            expert's load (`<name>_expert_load_<i>`).
+            expert's load (`<name>_expert_load_<i>`). Defaults to `False`.
+        kernel_initializer: initializer of the experts' kernels. Defaults
+            to `"glorot_uniform"`, scaled so that each expert starts as a
+            `Dense` layer of its size would.
+        bias_initializer: initializer of the experts' biases. Defaults to
+            `"zeros"`.
+        kernel_regularizer: regularizer of the experts' kernels. Defaults
+            to `None`.
+        bias_regularizer: regularizer of the experts' biases. Defaults to
+            `None`.
+        kernel_constraint: constraint on the experts' kernels. Defaults to
+            `None`.
+        bias_constraint: constraint on the experts' biases. Defaults to
+            `None`.
         combine: `"weighted"` (the default: `sum_i g_i * expert_i(x)`) or
             `"vote"`: at inference each classifier expert votes for its
             argmax class, counted with the gate's weights, and the
             output is each class's share of the votes (its argmax is
             the majority's class; see `moe_keras.voting`). A vote has
             no gradient: training with it is an error.
-        kernel_initializer, bias_initializer, kernel_regularizer,
-        bias_regularizer, kernel_constraint, bias_constraint: for the
-            experts, as in `Dense`.
+        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
         inputs: `(batch, ..., features)` floats.
-        training: bool.
+        training: bool or None, whether the call is for training (losses,
+            training capacity, the gate's noise and dropout).
         mask: optional `(batch, ...)` Keras mask.
         routing_ids: optional `(batch, ...)` integer ids per position, for
-            id-based gates (`HashGate`).
+            id-based gates (`HashGate`, `ClusterGate`).
 
     Input shape:
         `(batch, ..., features)`, any rank >= 2; routing is per position.
         A Keras mask `(batch, ...)` is honoured: masked positions are not
-        routed, take no capacity, count in no loss or metric, output zeros.
+        routed, take no capacity, count in no loss or statistic, output
+        zeros.
 
     Output shape:
         `(batch, ..., units)`.
 
     Example:
 
+    >>> layer = MoE(num_experts=4, units=8, top_k=2)
+    >>> x = np.ones((2, 3, 5), "float32")  # (batch, sequence, features)
+    >>> tuple(layer(x).shape)
+    (2, 3, 8)
+    >>> layer.sparse  # top-2 of 4 experts: the sparse dispatch
+    True
+
+    In a model, with a sigmoid router and the dense mixture:
+
     >>> model = keras.Sequential([
-    ...     keras.Input((16,)),
-    ...     MoE(num_experts=4, units=10, gate="sigmoid"),
+    ...     keras.Input((5,)),
+    ...     MoE(num_experts=4, units=8, gate="sigmoid"),
     ... ])
-    >>> model(np.zeros((2, 16), "float32")).shape
-    (2, 10)
+    >>> tuple(model(np.zeros((6, 5), "float32")).shape)
+    (6, 8)
     """
 
     def __init__(

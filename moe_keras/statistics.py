@@ -30,7 +30,13 @@ PHASES = ("train", "eval")
 
 
 class RoutingStatistics:
-    """Running sums of per-batch routing statistics of one layer.
+    """Running sums of per-batch routing statistics of one `MoE` layer.
+
+    An `MoE` layer made with `routing_statistics=True` (the default) makes
+    one when it builds, as `layer.statistics`, and adds each batch to it in
+    `call`: to the `"train"` record when training and to the `"eval"`
+    record otherwise. `result(phase)` reads a record's means;
+    `RoutingMetrics` and `ExpertLoadCallback` read them between epochs.
 
     Statistics (each the mean over the batches that computed it):
         dropped_fraction: assignments dropped for lack of capacity, over
@@ -46,6 +52,18 @@ class RoutingStatistics:
         layer: the owning layer; the variables are its weights, made here
             (call from `build`).
         num_experts: int, E.
+
+    Example:
+
+    >>> layer = MoE(4, 8, top_k=2)
+    >>> _ = layer(np.ones((6, 5), "float32"))  # an inference call
+    >>> result = layer.statistics.result("eval")
+    >>> sorted(result)  # dropless inference: nothing dropped to count
+    ['expert_load', 'load_imbalance', 'router_entropy']
+    >>> round(float(result["expert_load"].sum()), 3)
+    1.0
+    >>> layer.statistics.result("train")["expert_load"].tolist()  # no batch
+    [0.0, 0.0, 0.0, 0.0]
     """
 
     def __init__(self, layer, num_experts):

@@ -59,20 +59,51 @@ def broadcast_rows(x, row):
 
 
 class Gate(keras.layers.Layer):
-    """Base class of routers; by itself a learned linear router.
+    """Base class of routers: a learned linear router and top-k selection.
 
     It scores every expert at every position with `logits = x @ W (+ b)`
     (or, with `hidden_units`, through a one-hidden-layer MLP), turns the
-    logits into probabilities (`probabilities`, defined by subclasses) and
-    selects the top-k experts. It runs in float32 whatever the global
+    logits into probabilities (`probabilities`, which subclasses define)
+    and selects the top-k experts. It runs in float32 whatever the global
     dtype policy: routing decisions and the softmax are sensitive to
     rounding, and the router is cheap.
 
+    A subclass defines `probabilities(logits)`; one that scores experts
+    otherwise overrides `build_router` and `compute_logits` too (see
+    `StaticGate`), and one that routes otherwise overrides `route`, which
+    returns the routing dict described below. The `MoE` layer only
+    consumes that dict, so gates can be swapped without touching dispatch
+    or experts.
+
     Args:
-        num_experts: int or None. `None` lets the owning `MoE` fill it in.
-        use_bias: bool. Defaults to `False`.
-        kernel_initializer, bias_initializer, kernel_regularizer,
-        bias_regularizer: for the routing weights.
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        use_bias: bool, whether the router adds a learned bias to each
+            expert's logit. Defaults to `False`.
+        kernel_initializer: initializer of the router's kernels. Defaults
+            to `"glorot_uniform"`.
+        bias_initializer: initializer of the router's biases. Defaults to
+            `"zeros"`.
+        kernel_regularizer: regularizer of the router's kernels. Defaults
+            to `None`.
+        bias_regularizer: regularizer of the router's biases. Defaults to
+            `None`.
+        jitter: float in [0, 1). Switch Transformer router jitter: while
+            training, the router's input is multiplied by noise drawn from
+            `U(1 - jitter, 1 + jitter)`. Defaults to 0.
+        dropout: float in [0, 1). Gate dropout: while training, each
+            combine weight (a position's weight for one expert) is zeroed
+            with this probability, the rest scaled by `1 / (1 - dropout)`.
+            Defaults to 0.
+        bias_update_rate: float >= 0. Auxiliary-loss-free load balancing
+            (DeepSeek-V3, Wang et al. 2024): a per-expert bias, added to
+            the scores for *selection only*, is moved by this step after
+            every training batch with top-k routing, up for experts that
+            got less than their share of assignments and down for those
+            that got more. It is a non-trainable weight, saved with the
+            model. Defaults to 0 (off).
+        seed: int or None, seed of the gate's randomness (jitter, dropout,
+            noise). Defaults to `None`.
         hidden_units: int or None. If set, the router is an MLP ("the
             teacher network is an MLP"):
             `logits = hidden_activation(x @ W_h + b_h) @ W (+ b)`.
@@ -82,28 +113,52 @@ class Gate(keras.layers.Layer):
         normalize_top_k: bool or None. Whether the k selected weights are
             renormalised to sum to 1. `None` (the default) keeps each
             gate's own rule (`SoftmaxGate`: for k > 1 only; `SigmoidGate`:
-            never); `True` always (a softmax over the k selected logits,
-            Shazeer et al. 2017; at k = 1 every weight is then 1); `False`
-            never.
-        jitter: float in [0, 1). Switch Transformer router jitter: while
-            training, the router's input is multiplied by noise drawn from
-            `U(1 - jitter, 1 + jitter)`. Defaults to 0.
-        dropout: float in [0, 1). Gate dropout: while training, each
-            (position, expert) combine weight is zeroed with this
-            probability (the rest scaled by `1 / (1 - dropout)`).
-        bias_update_rate: float >= 0. Auxiliary-loss-free load balancing
-            (DeepSeek-V3, Wang et al. 2024): a per-expert bias, added to
-            the scores for *selection only*, is moved by this step after
-            every training batch, up for experts that got less than their
-            share of assignments and down for those that got more. It is a
-            non-trainable weight, saved with the model. Defaults to 0 (off).
-        seed: int or None, seed of the gate's randomness.
+            never; `PerformanceGate`: always); `True` always (a softmax
+            over the k selected logits, Shazeer et al. 2017; at k = 1 every
+            weight is then 1); `False` never.
+        **kwargs: base layer keyword arguments, such as `name`. The dtype
+            policy defaults to `"float32"`.
 
     Call arguments:
-        inputs: `(..., features)` floats.
-        routing, top_k, training, routing_mask, routing_ids: see the
-            package docstring; `routing_ids` is only used by id-based
-            gates.
+        inputs: `(..., features)` floats; `(tokens, features)` with
+            `routing=True`.
+        training: bool or None. Jitter, dropout, noise and the
+            selection-bias update act only while training.
+        routing: bool. `False` (default): return the gate probabilities.
+            `True`: return the routing dict.
+        top_k: int or None, with `routing=True`: how many experts each
+            position selects; `None` for the dense mixture.
+        routing_mask: optional `(tokens,)` bool, with `routing=True`:
+            padding positions, which the selection-bias update and the
+            gate's own losses leave out.
+        routing_ids: optional integer ids, one per position, for id-based
+            gates (`HashGate`, `ClusterGate`); other gates ignore them.
+
+    Input shape:
+        `(..., features)`.
+
+    Output shape:
+        `(..., num_experts)`: the gate probabilities. With `routing=True`,
+        a dict: the router's `logits` and `probs`, `(tokens, num_experts)`
+        float32; the combine `weights`, `(tokens, top_k)` (or
+        `(tokens, num_experts)` with `top_k=None`); the selected `indices`,
+        `(tokens, top_k)` int32, when `top_k` is set; and `losses`, the
+        gate's own auxiliary losses by name.
+
+    Example:
+
+    >>> class ReluGate(Gate):
+    ...     def probabilities(self, logits):
+    ...         return keras.ops.relu(logits)
+    >>> gate = ReluGate(num_experts=4)
+    >>> x = np.ones((3, 8), "float32")
+    >>> tuple(gate(x).shape)
+    (3, 4)
+    >>> routing = gate(x, routing=True, top_k=2)
+    >>> sorted(routing)
+    ['indices', 'logits', 'losses', 'probs', 'weights']
+    >>> tuple(routing["indices"].shape)
+    (3, 2)
     """
 
     default_normalize_top_k = False  # renormalise the k selected (k > 1)

@@ -10,27 +10,42 @@ from moe_keras.gates.learned import SoftmaxGate
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class ClusterGate(SoftmaxGate):
-    """A softmax router per cluster: each position's weights come from the
-    router of its cluster, given as an id.
+    """A softmax router per cluster, the cluster given as an id.
 
-    Where `HashGate` sends a cluster id to fixed experts with equal
-    weights, this gate learns the weights of each cluster:
+    Each position's weights come from the router of its cluster. Where
+    `HashGate` sends a cluster id to fixed experts with equal weights,
+    this gate learns the weights of each cluster:
 
     - `input_dependent=True` (the default): cluster c has its own linear
       router, `logits = x @ W_c (+ b_c)`, so the weights depend on the
       input within each cluster;
     - `input_dependent=False`: cluster c has a learned logit per expert,
-      `logits = a_c`, the same for every input of that cluster.
+      `logits = a_c`, the same for every input of that cluster (starting
+      at zero, the plain average).
 
     The weights are the softmax of these logits (top-k as in
-    `SoftmaxGate`). Call the `MoE` layer with `routing_ids=` (one integer
-    cluster id per position, in `[0, num_clusters)`; ids outside are
-    clipped into that range).
+    `SoftmaxGate`). Call the `MoE` layer (or the gate) with `routing_ids=`
+    (one integer cluster id per position, in `[0, num_clusters)`; ids
+    outside are clipped into that range).
 
     Args:
-        num_clusters: int >= 1, the number of cluster ids.
-        input_dependent: bool. Defaults to `True`.
-        Other arguments as in `Gate` (`hidden_units` does not apply).
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        num_clusters: int >= 1, the number of cluster ids. Required,
+            despite its default of `None`.
+        input_dependent: bool, whether each cluster's weights are functions
+            of the input. Defaults to `True`.
+        **kwargs: the other arguments of `Gate` and `SoftmaxGate`, and base
+            layer keyword arguments such as `name`. `hidden_units` does not
+            apply (a `ValueError`); `use_bias`, `jitter` and the
+            initializers act with `input_dependent=True` only.
+
+    Input shape:
+        `(tokens, features)`, with `routing_ids` of shape `(tokens,)`.
+
+    Output shape:
+        `(tokens, num_experts)`, the softmax probabilities; with
+        `routing=True`, the routing dict of `Gate`.
 
     Example:
 

@@ -8,15 +8,35 @@ from moe_keras.gates.learned import SoftmaxGate
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class ExpertChoiceGate(SoftmaxGate):
-    """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with
-    Expert Choice Routing").
+    """Expert-choice routing (Zhou et al. 2022).
 
-    Instead of each token picking k experts, each expert picks the `C`
-    tokens that score it highest, `C = ceil(capacity_factor * tokens / E)`
-    (the `MoE` layer's `capacity_factor`, on average how many experts each
-    token gets). Load is balanced by construction, so no balancing loss is
-    added; a token chosen by no expert gets zero output (the residual
-    carries it). Use with `top_k=None`. Arguments as in `Gate`.
+    From "Mixture-of-Experts with Expert Choice Routing". Instead of each
+    token picking k experts, each expert picks the `C` tokens that score it
+    highest, `C = ceil(capacity_factor * tokens / E)` (the `MoE` layer's
+    `capacity_factor`, on average how many experts each token gets), and
+    weights each by its softmax probability. Load is balanced by
+    construction, so no load-balancing loss is added (the router z-loss
+    still is); a token chosen by no expert gets zero output (the residual
+    carries it). Use with `top_k=None` and a `capacity_factor`.
+
+    Args:
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        **kwargs: the other arguments of `Gate` that shape the router:
+            `use_bias`, `kernel_initializer`, `bias_initializer`,
+            `kernel_regularizer`, `bias_regularizer`, `jitter`, `seed`,
+            `hidden_units`, `hidden_activation`, and base layer keyword
+            arguments such as `name`. (`normalize_top_k`,
+            `bias_update_rate` and `dropout` act on a token's selection of
+            experts, which this gate does not make.)
+
+    Input shape:
+        `(..., features)`.
+
+    Output shape:
+        `(..., num_experts)`, the softmax probabilities; with
+        `routing=True`, the routing dict of `Gate` (the `MoE` layer then
+        lets the experts choose with `choose`).
 
     Example:
 

@@ -23,13 +23,28 @@ class FeatureGate(SoftmaxGate):
       vectors, the same for every input (`w_i * h_i` with `w_i` a learned
       vector, as `StaticGate` is per expert).
 
-    `units` (the experts' output width) is filled in by the owning `MoE`.
-
     Args:
-        units: int or None, the experts' output width.
-        input_dependent: bool. Defaults to `True`.
-        Other arguments as in `Gate` (`use_bias`, `jitter`, `hidden_units`
-        apply with `input_dependent=True` only).
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        units: int or None, the experts' output width. Defaults to `None`,
+            which lets the owning `MoE` fill it in.
+        input_dependent: bool, whether the weights are functions of the
+            input. Defaults to `True`.
+        **kwargs: the other arguments of `Gate` and `SoftmaxGate`, and base
+            layer keyword arguments such as `name`. `use_bias`, `jitter`
+            and `hidden_units` apply with `input_dependent=True` only (a
+            `ValueError` otherwise); `hidden_units` and `use_bias` shape
+            the routing probabilities `p`, not the feature weights `v`.
+
+    Input shape:
+        `(..., features)` with `input_dependent=True`; `(tokens, features)`
+        otherwise.
+
+    Output shape:
+        The routing probabilities `p`, `(..., num_experts)`. With
+        `routing=True`, the routing dict of `Gate`, whose `weights` are per
+        feature: `(tokens, num_experts, units)`, or `(tokens, top_k, units)`
+        with `top_k`.
 
     Example:
 

@@ -17,14 +17,38 @@ class SoftmaxGate(Gate):
     renormalised to sum to 1, which equals a softmax over the k selected
     logits (as in Mixtral); at k = 1 the probability itself is the weight
     (as in Switch), so the router still learns from the task.
-    `normalize_top_k=True` renormalises at k = 1 too. Arguments as in
-    `Gate`.
+    `normalize_top_k=True` renormalises at k = 1 too. This is the gate of
+    `MoE(gate="softmax")`, the default.
+
+    Args:
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        normalize_top_k: bool or None. `None` (the default) renormalises
+            the k selected probabilities for k > 1 only; `True` at every k;
+            `False` never.
+        **kwargs: the other arguments of `Gate`: `use_bias`,
+            `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
+            `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
+            `seed`, `hidden_units`, `hidden_activation`, and base layer
+            keyword arguments such as `name`.
+
+    Input shape:
+        `(..., features)`.
+
+    Output shape:
+        `(..., num_experts)`, probabilities that sum to 1 over the experts;
+        with `routing=True`, the routing dict of `Gate`.
 
     Example:
 
     >>> gate = SoftmaxGate(num_experts=4)
-    >>> tuple(gate(np.ones((2, 8), "float32")).shape)
+    >>> x = np.ones((2, 8), "float32")
+    >>> tuple(gate(x).shape)
     (2, 4)
+    >>> routing = gate(x, routing=True, top_k=2)
+    >>> weights = keras.ops.convert_to_numpy(routing["weights"])
+    >>> np.round(weights.sum(axis=-1), 3)  # the top 2 renormalised
+    array([1., 1.], dtype=float32)
     """
 
     default_normalize_top_k = True
@@ -48,14 +72,38 @@ class SigmoidGate(Gate):
     sigmoid scores are used as they are (not renormalised, unless
     `normalize_top_k=True`, as DeepSeek-V3 does). With
     `bias_update_rate > 0` this is DeepSeek-V3's auxiliary-loss-free
-    router. Arguments as in `Gate`; `use_bias=True` adds a learned bias to
-    every expert's logit.
+    router. The load-balancing loss reads the scores normalised to sum to
+    1. This is the gate of `MoE(gate="sigmoid")`.
+
+    Args:
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        normalize_top_k: bool or None. `None` (the default) and `False`
+            keep the k selected scores as they are; `True` renormalises
+            them to sum to 1.
+        **kwargs: the other arguments of `Gate`: `use_bias`,
+            `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
+            `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
+            `seed`, `hidden_units`, `hidden_activation`, and base layer
+            keyword arguments such as `name`. `use_bias=True` adds a
+            learned bias to every expert's logit.
+
+    Input shape:
+        `(..., features)`.
+
+    Output shape:
+        `(..., num_experts)`, each weight in (0, 1); with `routing=True`,
+        the routing dict of `Gate`.
 
     Example:
 
-    >>> gate = SigmoidGate(num_experts=4, use_bias=True)
-    >>> tuple(gate(np.ones((2, 8), "float32")).shape)
-    (2, 4)
+    >>> gate = SigmoidGate(num_experts=4, kernel_initializer="zeros")
+    >>> x = np.ones((1, 8), "float32")
+    >>> keras.ops.convert_to_numpy(gate(x)).tolist()  # sigmoid(0) each
+    [[0.5, 0.5, 0.5, 0.5]]
+    >>> routing = gate(x, routing=True, top_k=2)
+    >>> keras.ops.convert_to_numpy(routing["weights"]).tolist()
+    [[0.5, 0.5]]
     """
 
     def probabilities(self, logits):
@@ -81,15 +129,33 @@ class ActivationGate(Gate):
     with `safe_mode=False`).
 
     Args:
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
         activation: str or callable, the gate function. Defaults to
-            `"sigmoid"`.
-        Other arguments as in `Gate`.
+            `"sigmoid"`. Anything else is a `TypeError`, and a name Keras
+            does not know a `ValueError`.
+        **kwargs: the other arguments of `Gate`: `use_bias`,
+            `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
+            `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
+            `seed`, `hidden_units`, `hidden_activation`, and base layer
+            keyword arguments such as `name`. `normalize_top_k=True`
+            renormalises the k selected weights (the default keeps them).
+
+    Input shape:
+        `(..., features)`.
+
+    Output shape:
+        `(..., num_experts)`, the gate function of the logits; with
+        `routing=True`, the routing dict of `Gate`.
 
     Example:
 
     >>> gate = ActivationGate(num_experts=4, activation="relu", use_bias=True)
     >>> tuple(gate(np.ones((2, 8), "float32")).shape)
     (2, 4)
+    >>> layer = MoE(4, 8, gate=keras.activations.relu)
+    >>> type(layer.gate).__name__
+    'ActivationGate'
     """
 
     def __init__(self, num_experts=None, activation="sigmoid", **kwargs):
@@ -140,10 +206,10 @@ class ActivationGate(Gate):
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class NoisyTopKGate(SoftmaxGate):
-    """Noisy top-k gating (Shazeer et al. 2017, "Outrageously Large Neural
-    Networks").
+    """Noisy top-k gating (Shazeer et al. 2017).
 
-    While training, learned input-dependent Gaussian noise
+    From "Outrageously Large Neural Networks". While training,
+    learned input-dependent Gaussian noise
     `N(0, 1) * softplus(x @ W_noise)` is added to the logits before the
     top-k is taken. The combine weights are the selected probabilities of
     the softmax over the noisy logits, renormalised as in `SoftmaxGate`:
@@ -154,19 +220,41 @@ class NoisyTopKGate(SoftmaxGate):
     k = 1 a weight of exactly 1). It adds the paper's two balancing
     losses: the importance loss `importance_weight * CV(sum_t g_t)^2` and
     the load loss `load_weight * CV(sum_t P(t, i))^2`, with `P` the smooth
-    probability that expert i stays in the top-k under fresh noise.
+    probability that expert i stays in the top-k under fresh noise (for
+    k < E only). At inference, and for the dense mixture (`top_k=None`),
+    it routes as a `SoftmaxGate`, without noise.
 
     Args:
-        importance_weight: float >= 0. Defaults to 0.1.
-        load_weight: float >= 0. Defaults to 0.1.
-        Other arguments as in `Gate`.
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        importance_weight: float >= 0, weight of the importance loss.
+            Defaults to 0.1.
+        load_weight: float >= 0, weight of the load loss. Defaults to 0.1.
+        **kwargs: the other arguments of `Gate`: `use_bias`,
+            `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
+            `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
+            `seed`, `hidden_units`, `hidden_activation`, and base layer
+            keyword arguments such as `name`. `normalize_top_k` as in
+            `SoftmaxGate`.
+
+    Input shape:
+        `(..., features)`.
+
+    Output shape:
+        `(..., num_experts)`, the noiseless softmax probabilities; with
+        `routing=True`, the routing dict of `Gate`, whose `losses` hold
+        `importance_loss` and `noisy_load_loss` while training.
 
     Example:
 
     >>> gate = NoisyTopKGate(num_experts=4, normalize_top_k=True, seed=0)
-    >>> routing = gate(np.ones((2, 8), "float32"), routing=True, top_k=1)
+    >>> x = np.ones((2, 8), "float32")
+    >>> routing = gate(x, routing=True, top_k=1)
     >>> keras.ops.convert_to_numpy(routing["weights"]).tolist()
     [[1.0], [1.0]]
+    >>> routing = gate(x, routing=True, top_k=2, training=True)
+    >>> sorted(routing["losses"])
+    ['importance_loss', 'noisy_load_loss']
     """
 
     uses_randomness = True

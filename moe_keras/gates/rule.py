@@ -100,19 +100,47 @@ class _FixedGate(Gate):
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class HashGate(_FixedGate):
-    """Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse
-    Models"): each token id always goes to the same experts, chosen by a
-    fixed hash of the id; no router is learned. Call the `MoE` layer with
-    `routing_ids=` (integer ids, one per position, e.g. the input token
-    ids). Arguments as in `Gate`; `seed` picks the hash. For learned
-    weights per id (cluster), see `ClusterGate`.
+    """Hash routing (Roller et al. 2021): experts fixed by a hash of a token id.
+
+    From "Hash Layers For Large Sparse Models": each token id always goes
+    to the same experts, chosen by a fixed hash of the id (the k experts
+    from the hashed one on, each weighted `1 / k`); no router is learned.
+    Call the `MoE` layer with `routing_ids=` (integer ids, one per
+    position, e.g. the input token ids). For learned weights per id
+    (cluster), see `ClusterGate`.
+
+    Args:
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        inference: must be `None`: the assignment is deterministic already
+            (a `ValueError` otherwise).
+        **kwargs: `seed` (int or None, default `None`) picks the hash, and
+            base layer keyword arguments such as `name`. Nothing is
+            learned: `use_bias`, `jitter` and `hidden_units` must keep their
+            defaults (a `ValueError` otherwise), and the other arguments of
+            `Gate` have no effect.
+
+    Input shape:
+        `(tokens, features)`, with `routing_ids` of shape `(tokens,)` when
+        routing.
+
+    Output shape:
+        `(tokens, num_experts)`: equal probabilities `1 / num_experts`. With
+        `routing=True` and `top_k`, the routing dict of `Gate`, with the
+        assigned `indices` and weights `1 / top_k`.
 
     Example:
 
+    >>> gate = HashGate(num_experts=4)
+    >>> ids = np.array([7, 3, 7])
+    >>> routing = gate(np.ones((3, 5), "float32"), routing=True, top_k=1,
+    ...                routing_ids=ids)
+    >>> keras.ops.convert_to_numpy(routing["indices"]).tolist()
+    [[0], [1], [0]]
     >>> layer = MoE(4, 8, gate=HashGate(seed=1), top_k=2)
-    >>> x, ids = np.ones((2, 5), "float32"), np.array([3, 7])
+    >>> x, ids = np.ones((6, 5), "float32"), np.arange(6)
     >>> tuple(layer(x, routing_ids=ids).shape)
-    (2, 8)
+    (6, 8)
     """
 
     needs_ids = True
@@ -133,25 +161,48 @@ class HashGate(_FixedGate):
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class RoundRobinGate(_FixedGate):
-    """Round-robin assignment: the t-th position of the (flattened) batch
-    goes to expert `t mod E` (and the next k - 1). No router is learned.
+    """Round-robin assignment: position t goes to expert `t mod E`.
+
+    The t-th position of the (flattened) batch goes to expert `t mod E`
+    and the next k - 1, each weighted `1 / k`. No router is learned.
 
     A position's experts depend on where it sits in the batch, so by
     default a prediction changes with the batch it is in.
     `inference="hash"` assigns each position at inference by a fixed hash
-    of its input instead (see `_FixedGate`), so a prediction depends on
-    that input only; training keeps round-robin. The default stays
-    `"position"` so models saved before this option load unchanged.
+    of its input instead (the top k of `x @ R`, with `R` a Gaussian
+    projection drawn once from `seed` and saved with the model), so a
+    prediction depends on that input only; training keeps round-robin.
+    The default stays `"position"` so models saved before this option load
+    unchanged.
 
     Args:
-        inference: `"position"` (the default) or `"hash"`.
-        Other arguments as in `Gate`.
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        inference: `"position"` or `"hash"`, the assignment at inference.
+            Defaults to `None`, which means `"position"`.
+        **kwargs: `seed` (int or None, default `None`) draws the projection
+            of `inference="hash"`, and base layer keyword arguments such as
+            `name`. Nothing is learned: `use_bias`, `jitter` and
+            `hidden_units` must keep their defaults (a `ValueError`
+            otherwise), and the other arguments of `Gate` have no effect.
+
+    Input shape:
+        `(tokens, features)`.
+
+    Output shape:
+        `(tokens, num_experts)`: equal probabilities `1 / num_experts`. With
+        `routing=True` and `top_k`, the routing dict of `Gate`, with the
+        assigned `indices` and weights `1 / top_k`.
 
     Example:
 
-    >>> layer = MoE(3, 8, gate=RoundRobinGate(inference="hash"), top_k=1)
-    >>> tuple(layer(np.ones((4, 5), "float32")).shape)
-    (4, 8)
+    >>> gate = RoundRobinGate(num_experts=3)
+    >>> routing = gate(np.ones((4, 5), "float32"), routing=True, top_k=2)
+    >>> keras.ops.convert_to_numpy(routing["indices"]).tolist()
+    [[0, 1], [1, 2], [2, 0], [0, 1]]
+    >>> layer = MoE(4, 8, gate=RoundRobinGate(inference="hash"), top_k=2)
+    >>> tuple(layer(np.ones((6, 5), "float32")).shape)
+    (6, 8)
     """
 
     inference_modes = ("position", "hash")
@@ -163,27 +214,53 @@ class RoundRobinGate(_FixedGate):
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class RandomGate(_FixedGate):
-    """Random assignment: every call draws k distinct experts per position
-    uniformly at random (from the gate's seed generator). No router is
+    """Random assignment: k distinct experts per position, drawn every call.
+
+    Every call draws k distinct experts per position uniformly at random
+    (from the gate's seed generator), each weighted `1 / k`. No router is
     learned.
 
     By default inference draws too, so predictions vary from call to call
     (an ensemble over random routings, if that is wanted).
     `inference="hash"` makes inference deterministic: each position goes
-    to the experts a fixed hash of its input picks (see `_FixedGate`), so
-    the same input always gets the same prediction, whatever the call or
-    batch; training keeps drawing. The default stays `"random"` so models
-    saved before this option load unchanged.
+    to the experts a fixed hash of its input picks (the top k of `x @ R`,
+    with `R` a Gaussian projection drawn once from `seed` and saved with
+    the model), so the same input always gets the same prediction,
+    whatever the call or batch; training keeps drawing. The default stays
+    `"random"` so models saved before this option load unchanged.
 
     Args:
-        inference: `"random"` (the default) or `"hash"`.
-        Other arguments as in `Gate`.
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        inference: `"random"` or `"hash"`, the assignment at inference.
+            Defaults to `None`, which means `"random"`.
+        **kwargs: `seed` (int or None, default `None`) seeds the draws and
+            the projection of `inference="hash"`, and base layer keyword
+            arguments such as `name`. Nothing is learned: `use_bias`,
+            `jitter` and `hidden_units` must keep their defaults (a
+            `ValueError` otherwise), and the other arguments of `Gate` have
+            no effect.
+
+    Input shape:
+        `(tokens, features)`.
+
+    Output shape:
+        `(tokens, num_experts)`: equal probabilities `1 / num_experts`. With
+        `routing=True` and `top_k`, the routing dict of `Gate`, with the
+        assigned `indices` and weights `1 / top_k`.
 
     Example:
 
-    >>> layer = MoE(3, 8, gate=RandomGate(seed=0, inference="hash"), top_k=1)
-    >>> tuple(layer(np.ones((4, 5), "float32")).shape)
-    (4, 8)
+    >>> gate = RandomGate(num_experts=3, seed=0, inference="hash")
+    >>> x = np.ones((4, 5), "float32")
+    >>> def experts():
+    ...     routing = gate(x, routing=True, top_k=1)
+    ...     return keras.ops.convert_to_numpy(routing["indices"])
+    >>> bool((experts() == experts()).all())  # the same, call after call
+    True
+    >>> layer = MoE(4, 8, gate=RandomGate(seed=0, inference="hash"), top_k=2)
+    >>> tuple(layer(np.ones((6, 5), "float32")).shape)
+    (6, 8)
     """
 
     uses_randomness = True
@@ -198,14 +275,38 @@ class RandomGate(_FixedGate):
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class UniformGate(_FixedGate):
-    """Uniform weighting: the dense mixture is the plain average of all
-    experts (`top_k` must be None; use another fixed gate to assign).
+    """Uniform weighting: the dense mixture is the plain average of experts.
+
+    Every expert gets the weight `1 / num_experts` at every position. It
+    takes `top_k=None` (the `MoE` layer raises a `ValueError` otherwise);
+    use `HashGate`, `RoundRobinGate` or `RandomGate` to assign k experts by
+    rule.
+
+    Args:
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        inference: must be `None`: the weights are deterministic already
+            (a `ValueError` otherwise).
+        **kwargs: base layer keyword arguments such as `name`. Nothing is
+            learned: `use_bias`, `jitter` and `hidden_units` must keep their
+            defaults (a `ValueError` otherwise), and the other arguments of
+            `Gate` have no effect.
+
+    Input shape:
+        `(tokens, features)`.
+
+    Output shape:
+        `(tokens, num_experts)`: equal probabilities `1 / num_experts`, also
+        the combine `weights` of the routing dict with `routing=True`.
 
     Example:
 
-    >>> layer = MoE(3, 8, gate=UniformGate())
-    >>> tuple(layer(np.ones((4, 5), "float32")).shape)
-    (4, 8)
+    >>> gate = UniformGate(num_experts=4)
+    >>> keras.ops.convert_to_numpy(gate(np.ones((1, 5), "float32"))).tolist()
+    [[0.25, 0.25, 0.25, 0.25]]
+    >>> layer = MoE(4, 8, gate=UniformGate())
+    >>> tuple(layer(np.ones((6, 5), "float32")).shape)
+    (6, 8)
     """
 
     def assign(self, x, top_k, training, routing_ids):

@@ -15,14 +15,37 @@ class StaticGate(SoftmaxGate):
     """A learned, input-independent weight per expert: `softmax(w)`.
 
     Every position gets the same mixture (and, with top-k, the same
-    experts); useful as a baseline and for ensembles of experts. Arguments
-    as in `Gate` (`use_bias`, `jitter`, `hidden_units` do not apply).
+    experts); useful as a baseline and for ensembles of experts. The
+    logits `w` start at zero (the plain average) and are trained with the
+    model.
+
+    Args:
+        num_experts: int or None, the number of experts. Defaults to
+            `None`, which lets the owning `MoE` fill it in.
+        kernel_regularizer: regularizer of the logits `w`. Defaults to
+            `None`.
+        **kwargs: `dropout`, `bias_update_rate`, `seed` and
+            `normalize_top_k` as in `Gate` and `SoftmaxGate`, and base layer
+            keyword arguments such as `name`. There is no input to score:
+            `use_bias`, `jitter` and `hidden_units` must keep their
+            defaults (a `ValueError` otherwise), and `kernel_initializer`,
+            `bias_initializer`, `bias_regularizer` and `hidden_activation`
+            have no effect.
+
+    Input shape:
+        `(tokens, features)`; only the number of rows is read.
+
+    Output shape:
+        `(tokens, num_experts)`, the same probabilities on every row; with
+        `routing=True`, the routing dict of `Gate`.
 
     Example:
 
     >>> gate = StaticGate(num_experts=3)
-    >>> tuple(gate(np.ones((2, 8), "float32")).shape)
-    (2, 3)
+    >>> probs = gate(np.ones((2, 8), "float32"))
+    >>> np.round(keras.ops.convert_to_numpy(probs), 3)
+    array([[0.333, 0.333, 0.333],
+           [0.333, 0.333, 0.333]], dtype=float32)
     """
 
     scores_inputs = False
@@ -93,16 +116,36 @@ class PerformanceGate(Gate):
     scores select the first k experts.
 
     Args:
-        scores: optional list of E non-negative numbers, not all zero.
-            Defaults to equal scores (the plain average).
-        num_experts: int or None; taken from `scores` when left out.
-        Other arguments as in `Gate` (the router options do not apply).
+        scores: optional list of E finite non-negative numbers, not all
+            zero (a `ValueError` otherwise). Defaults to `None`: equal
+            scores (the plain average).
+        num_experts: int or None, the number of experts. Defaults to
+            `None`: the length of `scores`, or, without scores, filled in
+            by the owning `MoE`.
+        **kwargs: `normalize_top_k` (`None`, the default, renormalises the
+            k selected weights at every k), `dropout`, `bias_update_rate`
+            and `seed` as in `Gate`, and base layer keyword arguments such
+            as `name`. The router options do not apply: `use_bias`,
+            `jitter` and `hidden_units` must keep their defaults (a
+            `ValueError` otherwise), and the initializers, regularizers and
+            `hidden_activation` have no effect.
+
+    Input shape:
+        `(tokens, features)`; only the number of rows is read.
+
+    Output shape:
+        `(tokens, num_experts)`, `scores / sum(scores)` on every row; with
+        `routing=True`, the routing dict of `Gate`.
 
     Example:
 
     >>> gate = PerformanceGate(scores=[0.9, 0.6, 0.5])
-    >>> np.round(keras.ops.convert_to_numpy(gate(np.ones((1, 4)))), 3)
+    >>> x = np.ones((1, 4), "float32")
+    >>> np.round(keras.ops.convert_to_numpy(gate(x)), 3)
     array([[0.45, 0.3 , 0.25]], dtype=float32)
+    >>> gate.set_scores([1.0, 1.0, 2.0])
+    >>> np.round(keras.ops.convert_to_numpy(gate(x)), 3)
+    array([[0.25, 0.25, 0.5 ]], dtype=float32)
     """
 
     learned = False

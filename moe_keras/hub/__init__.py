@@ -19,6 +19,15 @@ def custom_objects():
     Returns:
         A dict mapping registered names (`"moe_keras>SparseMixtralBackbone"`
         ...) to classes.
+
+    Raises:
+        ImportError: keras-hub is not installed.
+
+    Example:
+
+    >>> objects = moe_keras.hub.custom_objects()
+    >>> objects["moe_keras>SparseMixtralBackbone"].__name__
+    'SparseMixtralBackbone'
     """
     import keras
 

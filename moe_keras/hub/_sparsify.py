@@ -56,7 +56,8 @@ def sparsify(model, *, capacity_factor=None):
     subclass that records the conversion in its config, so
     `keras.saving.load_model` returns it converted (in a new process,
     call `moe_keras.hub.custom_objects()` first, or pass its result as
-    `custom_objects`). A task model comes back uncompiled.
+    `custom_objects`). A task model comes back uncompiled. keras-hub is
+    imported when this runs (an `ImportError` without it).
 
     Args:
         model: a keras-hub `Backbone` or `Task` (e.g. `MixtralCausalLM`).
@@ -69,21 +70,25 @@ def sparsify(model, *, capacity_factor=None):
         The converted model, of the same task class as `model`.
 
     Raises:
-        TypeError: `model` is not a keras-hub backbone or task model.
+        TypeError: `model` is not a keras-hub backbone or task model, or
+            `capacity_factor` is not a number.
         ValueError: the model has no keras-hub MoE block, has one this
             function does not cover (the error names it and says why), or
             was already converted; or `capacity_factor` is not > 0.
 
     Example:
 
-    ```python
-    backbone = keras_hub.models.MixtralBackbone(
-        vocabulary_size=100, num_layers=2, num_query_heads=4,
-        num_key_value_heads=2, hidden_dim=32, intermediate_dim=64,
-        num_experts=8, top_k=2,
-    )
-    sparse = moe_keras.sparsify(backbone)
-    ```
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.MixtralBackbone(
+    ...     vocabulary_size=8, num_layers=1, num_query_heads=2,
+    ...     num_key_value_heads=1, hidden_dim=4, intermediate_dim=4,
+    ...     num_experts=4, top_k=2,
+    ... )
+    >>> sparse = sparsify(backbone)
+    >>> type(sparse).__name__
+    'SparseMixtralBackbone'
+    >>> sparse.count_params() == backbone.count_params()  # the same weights
+    True
     """
     _common.import_keras_hub("sparsify")
     from moe_keras.hub import _sparse_families as families

@@ -54,7 +54,7 @@ def upcycle(
 
     Args:
         model: a keras-hub dense backbone or task, or a built Keras layer.
-        num_experts: int >= 1, experts per MoE layer.
+        num_experts: int >= 1, experts per MoE layer. Required.
         top_k: int in `[1, num_experts]`, experts per token. Defaults to 2.
             At 1, the single weight is the constant 1 and the router then
             learns from the auxiliary loss only.
@@ -62,7 +62,7 @@ def upcycle(
             weight is `w + noise * std(w) * N(0, 1)`. Defaults to 0 (exact
             copies; outputs at step 0 equal the dense model's).
         seed: int or None, seed of the noise and the routers' initial
-            weights.
+            weights. Defaults to `None`.
         capacity_factor: `None` (dropless, default) or a float > 0.
         load_balance_weight: float >= 0, weight of the Switch
             load-balancing loss. Defaults to 0.01.
@@ -73,21 +73,25 @@ def upcycle(
         The upcycled model, or an `MoE` layer for a layer.
 
     Raises:
-        TypeError, ValueError: an argument of the wrong type or value (the
-            message names it), a keras-hub model this function does not
-            cover, or a layer that is not built.
+        TypeError: `model` is not a Keras layer, or an argument is not of
+            its type (the message names it).
+        ValueError: an argument out of its range (the message names it), a
+            keras-hub model this function does not cover or has already
+            upcycled, or a layer that is not built.
 
     Example:
 
     >>> ffn = keras.Sequential(
-    ...     [keras.Input((8,)), keras.layers.Dense(16, "relu"),
-    ...      keras.layers.Dense(8)]
+    ...     [keras.Input((5,)), keras.layers.Dense(8, "relu"),
+    ...      keras.layers.Dense(5)]
     ... )
     >>> moe = upcycle(ffn, num_experts=4, top_k=2)
-    >>> x = np.random.rand(3, 8).astype("float32")
+    >>> x = np.random.rand(6, 5).astype("float32")
     >>> same = keras.ops.all(keras.ops.abs(moe(x) - ffn(x)) < 1e-5)
-    >>> bool(keras.ops.convert_to_numpy(same))
+    >>> bool(keras.ops.convert_to_numpy(same))  # identical experts
     True
+    >>> moe.experts.num_experts, moe.top_k
+    (4, 2)
     """
     noise = _check_noise(noise)
     if seed is not None and (

@@ -55,11 +55,16 @@ _BACKENDS = {
 def select_implementation(requested, dtype, projections):
     """The implementation a layer runs its dropless experts with.
 
+    `"auto"` tries the kernels in turn, `"mosaic_gpu"`, `"megablox"`,
+    `"torch"`, each under the conditions of the module docstring, and
+    falls back to `"blocks"`; a name is checked and returned as it is.
+
     Args:
         requested: one of `IMPLEMENTATIONS`; `"auto"` picks by backend,
             platform and shapes.
-        dtype: the experts' compute dtype.
-        projections: `(in_features, out_features)` of each expert matmul.
+        dtype: str, the experts' compute dtype (e.g. `"bfloat16"`).
+        projections: list of `(in_features, out_features)`, one per expert
+            matmul.
 
     Returns:
         The name of an implementation other than `"auto"`.
@@ -67,6 +72,18 @@ def select_implementation(requested, dtype, projections):
     Raises:
         ValueError: `requested` is not an implementation, or cannot run
             here; the message names what is missing.
+
+    Example:
+
+    >>> select = moe_keras.kernels.select_implementation
+    >>> select("auto", "float32", [(8, 16), (16, 8)])  # off a TPU
+    'blocks'
+    >>> select("reference", "bfloat16", [(8, 16)])
+    'reference'
+    >>> select("cuda", "float32", [(8, 16)])
+    Traceback (most recent call last):
+        ...
+    ValueError: `grouped_matmul` must be one of (...); received ...
     """
     if requested not in IMPLEMENTATIONS:
         raise ValueError(
@@ -151,19 +168,37 @@ def _importable(*modules):
 
 
 def grouped_matmul(x, w, group_sizes, implementation="reference"):
-    """`[M, K]` rows sorted by group, `[G, K, N]` weights and `[G]` int32
-    group sizes -> `[M, N]`.
+    """One matmul per group of rows: `y[rows of g] = x[rows of g] @ w[g]`.
+
+    The rows of `x` are sorted by group, `group_sizes[g]` rows of group `g`
+    in turn. Rows past `sum(group_sizes)` are in no group and come out as
+    0. Differentiable in `x` and `w` on every implementation, the weight
+    gradient a dense `[G, K, N]`.
 
     Args:
         x: `[M, K]` rows, those of group 0 first, then group 1, ...
-        w: `[G, K, N]` one weight matrix per group.
-        group_sizes: `[G]` int32 rows in each group; their sum may be less
+        w: `[G, K, N]` one weight matrix per group (cast to the dtype of
+            `x`).
+        group_sizes: `[G]` int rows in each group; their sum may be less
             than `M` (rows past it come out as 0), never more.
         implementation: a name from `select_implementation` (not
-            `"auto"` or `"blocks"`).
+            `"auto"` or `"blocks"`). Defaults to `"reference"`.
 
     Returns:
-        `[M, N]` in the dtype of `x`, accumulated in float32.
+        `[M, N]` in the dtype of `x`; the kernels accumulate in float32
+        (the `"reference"` form as the backend's own matmul does).
+
+    Raises:
+        ValueError: `implementation` is not a grouped matmul.
+
+    Example:
+
+    >>> x = np.ones((4, 2), "float32")
+    >>> w = np.stack([np.eye(2), 2 * np.eye(2)]).astype("float32")
+    >>> sizes = np.array([1, 2], "int32")  # rows 0 | 1, 2 | 3 in no group
+    >>> y = moe_keras.kernels.grouped_matmul(x, w, sizes)
+    >>> keras.ops.convert_to_numpy(y).tolist()
+    [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0], [0.0, 0.0]]
     """
     x = ops.convert_to_tensor(x)
     w = ops.cast(w, x.dtype)
@@ -194,15 +229,53 @@ def grouped_matmul(x, w, group_sizes, implementation="reference"):
 
 
 def row_groups(group_sizes, num_rows):
-    """`[M]` int32: the group of each row (`G` past the last group)."""
+    """The group of each row of a grouped matmul's sorted rows.
+
+    Rows past the last group get `G`, the number of groups.
+
+    Args:
+        group_sizes: `[G]` int rows in each group, in order.
+        num_rows: int M, the number of rows.
+
+    Returns:
+        An int32 `[M]` tensor.
+
+    Example:
+
+    >>> sizes = np.array([2, 0, 1], "int32")  # group 1 is empty
+    >>> groups = moe_keras.kernels.row_groups(sizes, 4)
+    >>> keras.ops.convert_to_numpy(groups).tolist()
+    [0, 0, 2, 3]
+    """
     ends = ops.cumsum(ops.cast(group_sizes, "int32"))
     rows = ops.arange(num_rows, dtype="int32")
     return ops.cast(ops.searchsorted(ends, rows, side="right"), "int32")
 
 
 def reference_grouped_matmul(x, w, group_sizes):
-    """`grouped_matmul` as one `keras.ops` matmul per group and a select:
-    plain autodiff, any backend."""
+    """`grouped_matmul` as one `keras.ops` matmul per group and a select.
+
+    Plain autodiff, any backend, `G` times the work of a grouped kernel:
+    the reference the kernels are checked against, and the
+    `"reference"` implementation of `grouped_matmul`.
+
+    Args:
+        x: `[M, K]` rows sorted by group.
+        w: `[G, K, N]` one weight matrix per group, in the dtype of `x`.
+        group_sizes: `[G]` int rows in each group.
+
+    Returns:
+        `[M, N]`, rows past the groups 0.
+
+    Example:
+
+    >>> x = np.ones((3, 2), "float32")
+    >>> w = np.stack([np.eye(2), 3 * np.eye(2)]).astype("float32")
+    >>> sizes = np.array([2, 1], "int32")
+    >>> y = moe_keras.kernels.reference_grouped_matmul(x, w, sizes)
+    >>> keras.ops.convert_to_numpy(y).tolist()
+    [[1.0, 1.0], [1.0, 1.0], [3.0, 3.0]]
+    """
     groups = row_groups(group_sizes, ops.shape(x)[0])[:, None]
     y = ops.zeros((ops.shape(x)[0], ops.shape(w)[-1]), x.dtype)
     for g in range(ops.shape(w)[0]):
