@@ -146,3 +146,23 @@ def test_site_builds_strictly(tmp_path):
     ]
     assert result.returncode == 0, "\n".join(warnings) or result.stderr[-3000:]
     assert (tmp_path / "site" / "api" / "layers" / "index.html").exists()
+
+
+def test_readme_links_resolve():
+    # The site's links are checked by `mkdocs build --strict`; the README
+    # is not part of the site, so its own links are checked here.
+    text = README.read_text()
+    anchors = {
+        re.sub(r"[^\w\- ]", "", title).strip().lower().replace(" ", "-")
+        for title in re.findall(r"^#+ (.+)$", text, re.M)
+    }
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        if path and not (ROOT / path).exists():
+            broken.append(target)
+        elif not path and anchor not in anchors:
+            broken.append(target)
+    assert not broken, f"README links that lead nowhere: {broken}"
