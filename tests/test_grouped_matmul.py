@@ -254,6 +254,21 @@ def test_auto_picks_mosaic_on_hopper_for_16_bit_experts(monkeypatch):
     assert kernels.select_implementation("auto", "bfloat16", shapes) == (
         "megablox"
     )
+    # A distribution over several devices: the block layout, which the
+    # distribution's layouts shard.
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh((len(devices),), ["batch"], devices)
+    monkeypatch.setattr(
+        keras.distribution,
+        "distribution",
+        lambda: keras.distribution.DataParallel(device_mesh=mesh),
+    )
+    monkeypatch.setattr(
+        mesh, "_devices", np.asarray(devices * 2, dtype=object), raising=False
+    )
+    assert kernels.select_implementation("auto", "bfloat16", shapes) == (
+        "blocks"
+    )
 
 
 # --------------------------------------------------- the sorted-rows plan

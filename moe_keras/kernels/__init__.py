@@ -28,7 +28,9 @@ Implementations (`IMPLEMENTATIONS`), chosen once per layer by
   rows to whole blocks and gathers each block's weights (see
   `dispatch.RoutePlan`). On a CPU this is the fastest form, and it is what
   `"auto"` picks wherever no kernel above applies (CPU, older GPUs,
-  TensorFlow, float32 on a GPU).
+  TensorFlow, float32 on a GPU, and under a Keras distribution over
+  several devices, where the kernels, which have no sharding rule, would
+  have every operand gathered onto each device).
 """
 
 from keras import backend
@@ -91,6 +93,10 @@ def select_implementation(requested, dtype, projections):
             f"grouped_matmul={requested!r}."
         )
     if requested == "auto":
+        if _distributed():
+            # The kernels have no sharding rule: under a distribution XLA
+            # would gather every operand onto each device to run them.
+            return "blocks"
         for name in ("mosaic_gpu", "megablox", "torch"):
             if _missing(name, dtype, projections, automatic=True) is None:
                 return name
@@ -101,6 +107,16 @@ def select_implementation(requested, dtype, projections):
             f"grouped_matmul={requested!r} cannot run here: it needs {problem}."
         )
     return requested
+
+
+def _distributed():
+    """Whether a Keras distribution spreads the model over devices."""
+    import keras
+
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return False
+    return len(list(distribution.device_mesh.devices.flat)) > 1
 
 
 def _missing(name, dtype, projections, automatic=False):
