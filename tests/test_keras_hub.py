@@ -404,3 +404,83 @@ def test_upcycle_docstring_example():
         _upcycle, extraglobs=dict(np=np, keras=keras, upcycle=upcycle)
     )
     assert result.attempted > 0 and result.failed == 0
+
+
+# --- loading in a fresh process -------------------------------------------
+
+_FRESH_LOAD = """
+import sys
+
+import keras
+import numpy as np
+
+import moe_keras
+
+assert "keras_hub" not in sys.modules, "import moe_keras imported keras-hub"
+for path in sys.argv[1:]:
+    model = keras.saving.load_model(path + ".keras")
+    data = np.load(path + ".npz")
+    batch = {"token_ids": data["token_ids"], "padding_mask": data["mask"]}
+    got = keras.ops.convert_to_numpy(model.predict_on_batch(batch))
+    np.testing.assert_allclose(got, data["logits"], rtol=1e-5, atol=1e-5)
+    print(type(model.backbone).__name__)
+"""
+
+
+@pytest.mark.skipif(
+    BACKEND == "jax", reason="one fresh process per backend: TF and torch"
+)
+def test_converted_models_load_plainly_in_a_fresh_process(tmp_path):
+    """A `.keras` file of a sparsified or upcycled model loads with a
+    plain `load_model` after `import moe_keras`, which itself does not
+    import keras-hub."""
+    import os
+    import subprocess
+    import sys
+
+    keras.utils.set_random_seed(5)
+    sparse = sparsify(
+        keras_hub.models.MixtralCausalLM(_mixtral(), preprocessor=None)
+    )
+    make_backbone, task_class = DENSE["llama"]
+    upcycled = upcycle(
+        task_class(make_backbone(), preprocessor=None), num_experts=4
+    )
+    x = _batch()
+    paths = []
+    for name, model in (("sparse", sparse), ("upcycled", upcycled)):
+        path = str(tmp_path / name)
+        model.save(path + ".keras")
+        np.savez(
+            path,
+            token_ids=x["token_ids"],
+            mask=x["padding_mask"],
+            logits=keras.ops.convert_to_numpy(model.predict_on_batch(x)),
+        )
+        paths.append(path)
+    result = subprocess.run(
+        [sys.executable, "-c", _FRESH_LOAD, *paths],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KERAS_BACKEND": BACKEND},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [
+        "SparseMixtralBackbone",
+        "UpcycledLlamaBackbone",
+    ]
+
+
+def test_every_converted_class_has_a_stand_in():
+    # The stand-ins' list must name every class the adapter registers.
+    from moe_keras.hub import _lazy
+
+    registered = {
+        name.split(">", 1)[1]
+        for name, cls in custom_objects().items()
+        if cls.__module__
+        in ("moe_keras.hub._sparse_families", "moe_keras.hub._upcycle_families")
+    }
+    assert registered == set(_lazy.LAZY_CLASSES)
+    for name, module in _lazy.LAZY_CLASSES.items():
+        assert custom_objects()[f"moe_keras>{name}"].__module__.endswith(module)

@@ -1,20 +1,26 @@
 """Adapters for keras-hub models: `sparsify` and `upcycle`.
 
-keras-hub is imported only when these functions run, so `import moe_keras`
-never needs it.
+keras-hub is imported only when these functions run, or when a model they
+made is loaded, so `import moe_keras` never needs it.
 """
 
+from moe_keras.hub import _lazy
 from moe_keras.hub._sparsify import sparsify
 from moe_keras.hub._upcycle import upcycle
+
+# A converted model's `.keras` file loads with a plain
+# `keras.saving.load_model` after `import moe_keras`.
+_lazy.register()
 
 
 def custom_objects():
     """The classes `sparsify` and `upcycle` build models from, by name.
 
-    They are registered with Keras when `sparsify` or `upcycle` first runs;
-    to load a converted model's `.keras` file in a new process, call this
-    first (it registers them) or pass its result to
-    `keras.saving.load_model(path, custom_objects=...)`.
+    A converted model's `.keras` file loads with a plain
+    `keras.saving.load_model(path)` once `moe_keras` is imported (stand-ins
+    registered at import bring keras-hub and these classes in when such a
+    file is loaded); this dict is for code that wants the classes
+    themselves, or passes `custom_objects=` explicitly.
 
     Returns:
         A dict mapping registered names (`"moe_keras>SparseMixtralBackbone"`
@@ -31,6 +37,9 @@ def custom_objects():
     """
     import keras
 
+    from moe_keras.hub import _common
+
+    _common.import_keras_hub("hub.custom_objects")
     from moe_keras.hub import _sparse_families
     from moe_keras.hub import _upcycle_families
 

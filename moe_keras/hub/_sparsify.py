@@ -54,9 +54,9 @@ def sparsify(model, *, capacity_factor=None):
     a new model (the input is left unchanged; both are in memory while it
     is built) whose backbone is `SparseMixtralBackbone` etc., a registered
     subclass that records the conversion in its config, so
-    `keras.saving.load_model` returns it converted (in a new process,
-    call `moe_keras.hub.custom_objects()` first, or pass its result as
-    `custom_objects`). A task model comes back uncompiled. keras-hub is
+    `keras.saving.load_model(path)` returns it converted, in a new process
+    too once `moe_keras` is imported (no `custom_objects` needed). A task
+    model comes back uncompiled. keras-hub is
     imported when this runs (an `ImportError` without it).
 
     Args:

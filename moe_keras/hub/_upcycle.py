@@ -41,7 +41,8 @@ def upcycle(
       new model (the input is left unchanged) in which every decoder
       layer's SwiGLU FFN is a `moe_keras.MoE`; its backbone is a
       registered subclass (`UpcycledLlamaBackbone`, ...) that saves and
-      loads as such (see `moe_keras.hub.custom_objects`). A task model
+      loads as such with a plain `keras.saving.load_model` once
+      `moe_keras` is imported. A task model
       comes back uncompiled.
     - a built Keras layer of your own mapping `(..., d)` to `(..., u)`:
       returns a built `MoE` layer to use in its place. A `Dense`, or a
