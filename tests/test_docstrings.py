@@ -138,6 +138,11 @@ def _globs():
     return {"np": np, "keras": keras, "moe_keras": moe_keras, **names}
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() == "jax",
+    reason="run on TensorFlow and torch: JAX's eager compiles of every "
+    "example cost more of the suite's time than they check",
+)
 @pytest.mark.parametrize("name, obj", OBJECTS, ids=IDS)
 def test_docstring_example_runs(name, obj):
     if id(obj) in NEEDS_KERAS_HUB or "keras_hub" in obj.__doc__:

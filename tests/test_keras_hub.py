@@ -247,6 +247,13 @@ def test_sparsify_unsupported_block_names_it():
 # --- upcycle -------------------------------------------------------------
 
 
+# Tiny configs of each dense family `upcycle` covers; the FFN forms:
+# SwiGLU inline (llama ... phi3), GeGLU inline (gemma, gemma3), a SwiGLU
+# sublayer with biases (smollm3), two biased Dense layers (gpt2 ... falcon).
+_PLAIN = dict(
+    vocabulary_size=VOCAB, num_layers=2, num_heads=4, hidden_dim=16,
+    intermediate_dim=32,
+)  # fmt: skip
 DENSE = {
     "llama": (
         lambda: keras_hub.models.LlamaBackbone(intermediate_dim=32, **COMMON),
@@ -258,14 +265,118 @@ DENSE = {
         ),
         keras_hub.models.Qwen3CausalLM,
     ),
+    "mistral": (
+        lambda: keras_hub.models.MistralBackbone(
+            intermediate_dim=32, sliding_window=4, **COMMON
+        ),
+        keras_hub.models.MistralCausalLM,
+    ),
+    "qwen2": (
+        lambda: keras_hub.models.QwenBackbone(intermediate_dim=32, **COMMON),
+        keras_hub.models.QwenCausalLM,
+    ),
+    "qwen3_5": (
+        # Full attention only: its linear-attention layers (the same FFN)
+        # take long to compile on JAX.
+        lambda: keras_hub.models.Qwen3_5Backbone(
+            intermediate_dim=32,
+            head_dim=8,
+            layer_types=["full_attention"] * 2,
+            **COMMON,
+        ),
+        keras_hub.models.Qwen3_5CausalLM,
+    ),
+    "phi3": (
+        lambda: keras_hub.models.Phi3Backbone(intermediate_dim=32, **COMMON),
+        keras_hub.models.Phi3CausalLM,
+    ),
+    "gemma": (
+        # Gemma's FFN is intermediate_dim // 2 wide.
+        lambda: keras_hub.models.GemmaBackbone(
+            intermediate_dim=64, head_dim=4, **COMMON
+        ),
+        keras_hub.models.GemmaCausalLM,
+    ),
+    "gemma3": (
+        lambda: keras_hub.models.Gemma3Backbone(
+            image_size=16,
+            intermediate_dim=32,
+            head_dim=4,
+            use_post_ffw_norm=True,
+            use_post_attention_norm=True,
+            use_sliding_window_attention=True,
+            sliding_window_size=4,
+            **COMMON,
+        ),
+        keras_hub.models.Gemma3CausalLM,
+    ),
+    "smollm3": (
+        lambda: keras_hub.models.SmolLM3Backbone(
+            vocabulary_size=VOCAB,
+            hidden_dim=16,
+            intermediate_dim=32,
+            num_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attention_bias=False,
+            attention_dropout=0.0,
+            rope_layer_enabled_list=[True, False],
+            layer_types=["attention"] * 2,
+            mlp_bias=True,
+            layer_norm_epsilon=1e-6,
+            max_position_embeddings=64,
+            rope_theta=10000.0,
+            partial_rotary_factor=1.0,
+        ),
+        keras_hub.models.SmolLM3CausalLM,
+    ),
+    "gpt2": (
+        lambda: keras_hub.models.GPT2Backbone(max_sequence_length=16, **_PLAIN),
+        keras_hub.models.GPT2CausalLM,
+    ),
+    "opt": (
+        lambda: keras_hub.models.OPTBackbone(max_sequence_length=16, **_PLAIN),
+        keras_hub.models.OPTCausalLM,
+    ),
+    "gpt_neo_x": (
+        lambda: keras_hub.models.GPTNeoXBackbone(
+            max_sequence_length=16, rotary_percentage=0.5, **_PLAIN
+        ),
+        keras_hub.models.GPTNeoXCausalLM,
+    ),
+    "falcon": (
+        lambda: keras_hub.models.FalconBackbone(
+            vocabulary_size=VOCAB,
+            num_layers=2,
+            num_attention_heads=4,
+            hidden_dim=16,
+            intermediate_dim=32,
+        ),
+        keras_hub.models.FalconCausalLM,
+    ),
 }
+
+
+# On JAX, whose eager calls compile every new shape, one family of each
+# FFN form (the swaps are backend-agnostic `keras.ops`).
+_JAX_DENSE = {"llama", "qwen3", "gemma", "smollm3", "gpt2", "falcon"}
 
 
 @pytest.mark.parametrize("name", list(DENSE))
 def test_upcycled_keras_hub_equals_dense_and_round_trips(name, tmp_path):
+    if BACKEND == "jax" and name not in _JAX_DENSE:
+        pytest.skip("checked on TensorFlow and torch (JAX time budget)")
     keras.utils.set_random_seed(3)
     make_backbone, task_class = DENSE[name]
     dense = task_class(backbone=make_backbone(), preprocessor=None)
+    # keras-hub's biases start at zero: random ones check that they are
+    # copied (into the experts too, where the FFN has biases).
+    rng = np.random.default_rng(1)
+    for weight in dense.weights:
+        if weight.path.endswith("bias"):
+            weight.assign(
+                0.1 * rng.standard_normal(weight.shape).astype("float32")
+            )
     moe = upcycle(dense, num_experts=4, top_k=2, seed=0)
     assert type(moe) is task_class
     layers = moe.backbone.moe_layers()

@@ -36,7 +36,7 @@ SETTINGS = settings(
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-GROUPED = ["blocks", "reference"] + (["ragged_dot"] if BACKEND == "jax" else [])
+GROUPED = ["blocks", "reference"]
 EXPERT_FORMS = [
     dict(),
     dict(hidden_units=5, activation="relu"),
@@ -68,8 +68,15 @@ def configs(draw):
         training=draw(st.booleans(), label="training"),
         seed=draw(st.integers(0, 2**16), label="seed"),
         # How dropless runs its experts: blocks, or sorted rows on a
-        # grouped matmul (any shape runs on these two).
-        grouped_matmul=draw(st.sampled_from(GROUPED), label="grouped"),
+        # grouped matmul (any shape runs on these two). Not drawn on JAX,
+        # whose compiles are the suite's budget; the sorted rows are the
+        # same `keras.ops` on every backend, and tests/test_grouped_matmul.py
+        # runs JAX's kernel path.
+        grouped_matmul=(
+            draw(st.sampled_from(GROUPED), label="grouped")
+            if BACKEND != "jax"
+            else "blocks"
+        ),
     )
 
 

@@ -22,10 +22,23 @@ LAZY_CLASSES = {
     "SparseQwen3MoeBlock": "_sparse_families",
     "SparseQwenMoeBackbone": "_sparse_families",
     "SparseQwenMoeBlock": "_sparse_families",
+    "FullLike": "_upcycle_families",
     "OnesLike": "_upcycle_families",
+    "Scale": "_upcycle_families",
+    "UpcycledFalconBackbone": "_upcycle_families",
+    "UpcycledGPT2Backbone": "_upcycle_families",
+    "UpcycledGPTNeoXBackbone": "_upcycle_families",
+    "UpcycledGemma3Backbone": "_upcycle_families",
+    "UpcycledGemmaBackbone": "_upcycle_families",
     "UpcycledLlama3Backbone": "_upcycle_families",
     "UpcycledLlamaBackbone": "_upcycle_families",
+    "UpcycledMistralBackbone": "_upcycle_families",
+    "UpcycledOPTBackbone": "_upcycle_families",
+    "UpcycledPhi3Backbone": "_upcycle_families",
     "UpcycledQwen3Backbone": "_upcycle_families",
+    "UpcycledQwen3_5Backbone": "_upcycle_families",
+    "UpcycledQwenBackbone": "_upcycle_families",
+    "UpcycledSmolLM3Backbone": "_upcycle_families",
 }
 
 

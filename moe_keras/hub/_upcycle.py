@@ -36,14 +36,23 @@ def upcycle(
 
     `model` is either
 
-    - a keras-hub dense decoder, backbone or task (`LlamaBackbone`,
-      `Llama3Backbone`, `Qwen3Backbone`, `LlamaCausalLM`, ...): returns a
-      new model (the input is left unchanged) in which every decoder
-      layer's SwiGLU FFN is a `moe_keras.MoE`; its backbone is a
-      registered subclass (`UpcycledLlamaBackbone`, ...) that saves and
-      loads as such with a plain `keras.saving.load_model` once
-      `moe_keras` is imported. A task model
-      comes back uncompiled.
+    - a keras-hub dense decoder-only backbone or task (`LlamaCausalLM`,
+      ...): returns a new model (the input is left unchanged) in which
+      every decoder layer's FFN is a `moe_keras.MoE` whose experts have
+      the FFN's form (gated or not, its activation, its biases); its
+      backbone is a registered subclass (`UpcycledLlamaBackbone`, ...)
+      that saves and loads as such with a plain `keras.saving.load_model`
+      once `moe_keras` is imported. A task model comes back uncompiled.
+      Covered backbones: SwiGLU `LlamaBackbone`, `Llama3Backbone`,
+      `MistralBackbone`, `QwenBackbone` (`Qwen2Backbone`),
+      `Qwen3Backbone`, `Qwen3_5Backbone`, `Phi3Backbone` and
+      `SmolLM3Backbone`; GeGLU `GemmaBackbone` and `Gemma3Backbone`; and
+      the two-`Dense` biased MLPs of `GPT2Backbone`, `OPTBackbone`,
+      `GPTNeoXBackbone` and `FalconBackbone`. Not covered: Bloom (the
+      GELU between its projections cannot be swapped out exactly),
+      Gemma 4 (its decoder reads the FFN kernels directly), Gemma 3n
+      (activation sparsity), RWKV-7, the MoE families (see `sparsify`),
+      vision-language and encoder-decoder models.
     - a built Keras layer of your own mapping `(..., d)` to `(..., u)`:
       returns a built `MoE` layer to use in its place. A `Dense`, or a
       `Sequential` of two `Dense` layers (hidden activation, linear
@@ -182,13 +191,9 @@ def _upcycle_keras_hub(model, options, noise, seed):
     new_backbone = upcycled_class.from_config(
         {**backbone.get_config(), "upcycle": options}
     )
+    form = upcycled_class.ffn_form
     ffns = [
-        (
-            decoder._feedforward_gate_dense,
-            decoder._feedforward_intermediate_dense,
-            decoder._feedforward_output_dense,
-        )
-        for decoder in backbone.transformer_layers
+        form.dense_layers(decoder) for decoder in backbone.transformer_layers
     ]
     moes = new_backbone.moe_layers()
     _common.copy_weights_except(
@@ -198,27 +203,14 @@ def _upcycle_keras_hub(model, options, noise, seed):
         _common.variable_ids(moes),
     )
     rng = np.random.default_rng(seed)
-    for i, ((gate, up, down), moe) in enumerate(zip(ffns, moes)):
-        gate_up = np.concatenate(
-            [
-                keras.ops.convert_to_numpy(gate.kernel),
-                keras.ops.convert_to_numpy(up.kernel),
-            ],
-            axis=-1,
-        )
-        experts = moe.experts
-        _common.assign(
-            experts.kernel_in, _copies(gate_up, moe.num_experts, noise, rng)
-        )
-        _common.assign(
-            experts.kernel_out,
-            _copies(
-                keras.ops.convert_to_numpy(down.kernel),
-                moe.num_experts,
-                noise,
-                rng,
-            ),
-        )
+    for i, (ffn, moe) in enumerate(zip(ffns, moes)):
+        # Drawn in this order: kernel_in, bias_in, kernel_out, bias_out.
+        for name, value in form.expert_weights(ffn).items():
+            if value is not None:
+                _common.assign(
+                    getattr(moe.experts, name),
+                    _copies(value, moe.num_experts, noise, rng),
+                )
         _init_router(moe, None if seed is None else seed + i)
     if task is None:
         return new_backbone
