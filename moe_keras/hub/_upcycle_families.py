@@ -348,6 +348,10 @@ class _UpcycledBackboneMixin:
     `upcycle` is the dict of options (see `moe_keras.upcycle`).
     `ffn_form` (a `_Form`) says where the decoders keep their FFN."""
 
+    def __init__(self, *args, upcycle=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._upcycle_decoders(upcycle)
+
     ffn_form = _LLAMA_FORM
 
     def _upcycle_decoders(self, upcycle):
@@ -389,27 +393,15 @@ class UpcycledLlamaBackbone(_UpcycledBackboneMixin, LlamaBackbone):
         `z_loss_weight`).
     """
 
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
-
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class UpcycledLlama3Backbone(_UpcycledBackboneMixin, Llama3Backbone):
     """`Llama3Backbone` with upcycled FFNs; see `UpcycledLlamaBackbone`."""
 
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
-
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class UpcycledMistralBackbone(_UpcycledBackboneMixin, MistralBackbone):
     """`MistralBackbone` with upcycled FFNs; see `UpcycledLlamaBackbone`."""
-
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
@@ -417,18 +409,10 @@ class UpcycledQwenBackbone(_UpcycledBackboneMixin, QwenBackbone):
     """`QwenBackbone` (`Qwen2Backbone`) with upcycled FFNs; see
     `UpcycledLlamaBackbone`."""
 
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
-
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class UpcycledQwen3Backbone(_UpcycledBackboneMixin, Qwen3Backbone):
     """`Qwen3Backbone` with upcycled FFNs; see `UpcycledLlamaBackbone`."""
-
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
@@ -436,20 +420,12 @@ class UpcycledQwen3_5Backbone(_UpcycledBackboneMixin, Qwen3_5Backbone):
     """`Qwen3_5Backbone` with upcycled FFNs (full and linear attention
     layers alike); see `UpcycledLlamaBackbone`."""
 
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
-
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class UpcycledPhi3Backbone(_UpcycledBackboneMixin, Phi3Backbone):
     """`Phi3Backbone` with upcycled FFNs; see `UpcycledLlamaBackbone`."""
 
     ffn_form = _PHI3_FORM
-
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
@@ -459,10 +435,6 @@ class UpcycledGemmaBackbone(_UpcycledBackboneMixin, GemmaBackbone):
 
     ffn_form = _GEMMA_FORM
 
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
-
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class UpcycledGemma3Backbone(_UpcycledBackboneMixin, Gemma3Backbone):
@@ -471,20 +443,12 @@ class UpcycledGemma3Backbone(_UpcycledBackboneMixin, Gemma3Backbone):
 
     ffn_form = _GEMMA_FORM
 
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
-
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class UpcycledSmolLM3Backbone(_UpcycledBackboneMixin, SmolLM3Backbone):
     """`SmolLM3Backbone` with upcycled FFNs; see `UpcycledLlamaBackbone`."""
 
     ffn_form = _SMOLLM3_FORM
-
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
@@ -494,20 +458,12 @@ class UpcycledGPT2Backbone(_UpcycledBackboneMixin, GPT2Backbone):
 
     ffn_form = _TRANSFORMER_DECODER_FORM
 
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
-
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class UpcycledOPTBackbone(_UpcycledBackboneMixin, OPTBackbone):
     """`OPTBackbone` with upcycled MLPs; see `UpcycledGPT2Backbone`."""
 
     ffn_form = _TRANSFORMER_DECODER_FORM
-
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
@@ -516,20 +472,12 @@ class UpcycledGPTNeoXBackbone(_UpcycledBackboneMixin, GPTNeoXBackbone):
 
     ffn_form = _TRANSFORMER_DECODER_FORM
 
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
-
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class UpcycledFalconBackbone(_UpcycledBackboneMixin, FalconBackbone):
     """`FalconBackbone` with upcycled MLPs; see `UpcycledGPT2Backbone`."""
 
     ffn_form = _FALCON_FORM
-
-    def __init__(self, *args, upcycle=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._upcycle_decoders(upcycle)
 
 
 # keras-hub dense backbone class -> its upcycled subclass.
