@@ -170,18 +170,24 @@ def _megablox_rows(x):
     return jnp.pad(x, ((0, -m % tile), (0, 0))), m
 
 
+def _megablox_kernels():
+    # Imported when a kernel runs, not with this module: `import`ing it is
+    # how every JAX layer learns whether a kernel applies, and a JAX
+    # without Megablox must still build layers. The package's `gmm` is
+    # the function; the kernels' module is this.
+    return importlib.import_module(
+        "jax.experimental.pallas.ops.tpu.megablox.gmm"
+    )
+
+
 def megablox_parts(interpret=False):
     """The Megablox `gmm` / `tgmm` as the three functions `_with_vjp`
     joins; `interpret=True` runs them on the CPU (tests)."""
-    # The package's `gmm` is the function; the kernels' module is this.
-    kernels = importlib.import_module(
-        "jax.experimental.pallas.ops.tpu.megablox.gmm"
-    )
 
     def forward(x, w, sizes, transpose=False):
         padded, m = _megablox_rows(x)
         n = w.shape[1] if transpose else w.shape[2]
-        out = kernels.gmm(
+        out = _megablox_kernels().gmm(
             padded,
             w,
             sizes,
@@ -195,7 +201,7 @@ def megablox_parts(interpret=False):
     def weight_grad(x, dy, sizes):
         padded_x, _ = _megablox_rows(x)
         padded_dy, _ = _megablox_rows(dy)
-        return kernels.tgmm(
+        return _megablox_kernels().tgmm(
             jnp.swapaxes(padded_x, 0, 1),
             padded_dy,
             sizes,
