@@ -115,7 +115,8 @@ class MoE(keras.layers.Layer):
             or float16 experts, sizes multiples of 64), JAX's Megablox
             kernels on a TPU, torch's `grouped_mm` on CUDA (bfloat16), and
             otherwise (CPU, TensorFlow, other GPUs, a Keras distribution
-            over several devices) `"blocks"`, the padded block layout. Naming one forces it, for debugging and
+            over several devices) `"blocks"`, the padded block layout.
+            Naming one forces it, for debugging and
             benchmarks (`"ragged_dot"`: XLA's `jax.lax.ragged_dot`;
             `"reference"`: one matmul per expert, any backend); one that
             cannot run here is a `ValueError` at build naming what is
