@@ -5,7 +5,8 @@ keras-hub's MoE blocks run every expert on every token and mask the
 result; `sparsify` swaps them for blocks on this package's sparse,
 dropless dispatch (same weights, same routing). This times one compiled
 training step (forward, backward, Adam update) of a small randomly
-initialised Mixtral and Qwen3-MoE causal LM, original and sparsified,
+initialised causal LM of each keras-hub MoE family (Mixtral, Qwen3-MoE,
+GPT-OSS, Gemma 4, Qwen3.5-MoE), original and sparsified,
 side by side in one process, in turns (one step of each, round after
 round, so a busy machine slows them alike), and gives each variant's
 peak memory from a process of its own (max RSS, how much RSS grew over
@@ -48,6 +49,39 @@ MODELS = {
             norm_top_k_prob=True,
         ),
     ),
+    # GPT-OSS-20b's routing ratio (top-4 of 32: 8 times the expert work).
+    "gpt_oss": (
+        "GptOssBackbone",
+        dict(
+            vocabulary_size=512, num_layers=2, num_query_heads=4,
+            num_key_value_heads=2, hidden_dim=256, intermediate_dim=256,
+            head_dim=64, num_experts=32, top_k=4, sliding_window=512,
+        ),
+    ),
+    # A dense MLP runs beside the experts in every layer.
+    "gemma4": (
+        "Gemma4Backbone",
+        dict(
+            vocabulary_size=512, image_size=16, num_layers=2,
+            num_query_heads=4, num_key_value_heads=2, hidden_dim=256,
+            intermediate_dim=512, head_dim=64, enable_moe_block=True,
+            num_experts=16, expert_intermediate_dim=256,
+            num_experts_per_token=2, sliding_window_size=512,
+        ),
+    ),
+    # Hybrid: a Gated DeltaNet layer, then attention; a shared expert.
+    "qwen3_5_moe": (
+        "Qwen3_5MoeBackbone",
+        dict(
+            vocabulary_size=512, num_layers=2, num_query_heads=4,
+            num_key_value_heads=2, head_dim=64, hidden_dim=256,
+            moe_intermediate_dim=256, shared_expert_intermediate_size=256,
+            num_experts=16, top_k=2,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=4, linear_num_value_heads=4,
+            linear_key_head_dim=64, linear_value_head_dim=64,
+        ),
+    ),
     # The whole-model GPU size of issue 20: run with --models mixtral-gpu
     # --batch-size 8 --seq-len 1024 --no-memory.
     "mixtral-gpu": (
@@ -62,11 +96,14 @@ MODELS = {
 TASKS = {
     "mixtral": "MixtralCausalLM",
     "qwen3_moe": "Qwen3MoeCausalLM",
+    "gpt_oss": "GptOssCausalLM",
+    "gemma4": "Gemma4CausalLM",
+    "qwen3_5_moe": "Qwen3_5MoeCausalLM",
     "mixtral-gpu": "MixtralCausalLM",
 }
 # sparsified: `sparsify(model)`, dropless; cf1.0: capacity_factor=1.0.
 VARIANTS = ("keras-hub", "sparsified", "sparsified-cf1.0")
-DEFAULT_MODELS = ("mixtral", "qwen3_moe")
+DEFAULT_MODELS = ("mixtral", "qwen3_moe", "gpt_oss", "gemma4", "qwen3_5_moe")
 
 
 def _build(model_name, variant, jit_compile):
@@ -93,7 +130,7 @@ def _build(model_name, variant, jit_compile):
     return task
 
 
-def _data(args):
+def _data(args, model):
     rng = np.random.default_rng(0)
     vocab = 512
     tokens = rng.integers(1, vocab, (args.batch_size, args.seq_len + 1))
@@ -101,6 +138,9 @@ def _data(args):
         "token_ids": tokens[:, :-1].astype("int32"),
         "padding_mask": np.ones((args.batch_size, args.seq_len), "int32"),
     }
+    if "position_ids" in [i.name for i in model.backbone.inputs]:  # Gemma 4
+        positions = np.arange(args.seq_len, dtype="int32")
+        x["position_ids"] = np.tile(positions, (args.batch_size, 1))
     return x, tokens[:, 1:].astype("int32")
 
 
@@ -117,7 +157,7 @@ def _peak_rss_mb():
 
 def _memory_worker(model_name, variant, args):
     model = _build(model_name, variant, args.jit_compile)
-    x, y = _data(args)
+    x, y = _data(args, model)
     before = _peak_rss_mb()
     for _ in range(3):
         model.train_on_batch(x, y)
@@ -169,9 +209,9 @@ def _memory(model_name, variant, argv):
 
 def _time(model_name, args):
     """Median and fastest step ms of each variant, timed in turns."""
-    x, y = _data(args)
     variants = args.variants.split(",")
     models = {v: _build(model_name, v, args.jit_compile) for v in variants}
+    x, y = _data(args, models["keras-hub"])
     times = {v: [] for v in variants}
     for model in models.values():  # compile, warm up
         for _ in range(2):
@@ -266,6 +306,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         config = MODELS[name][1]
+        top_k = config.get("top_k", config.get("num_experts_per_token"))
         variants = args.variants.split(",")
         memory = {
             v: (
@@ -287,7 +328,7 @@ def main(argv=None):
                 mem = f"{m['peak_rss_mb']:.0f} | {m['step_rss_mb']:.0f} | "
                 mem += "- |" if temp is None else f"{temp:.0f} |"
             print(
-                f"| {name} | {config['num_experts']} ({config['top_k']}) | "
+                f"| {name} | {config['num_experts']} ({top_k}) | "
                 f"{variant} | {params:,} | {median:.1f} | {fastest:.1f} | "
                 f"{base / median:.2f}x | " + mem
             )

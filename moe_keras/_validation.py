@@ -64,6 +64,18 @@ def non_negative_float(value, name):
     return float(value)
 
 
+def finite_float(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"`{name}` must be a number; received {name}={value!r}."
+        )
+    if not math.isfinite(value):
+        raise ValueError(
+            f"`{name}` must be a finite number; received {name}={value}."
+        )
+    return float(value)
+
+
 def seed(value, name="seed"):
     """A seed is an int (or None): it is saved in the config and hashed."""
     if value is None:
@@ -79,7 +91,8 @@ def seed(value, name="seed"):
 def one_of(value, name, choices):
     if value not in choices:
         raise ValueError(
-            f"`{name}` must be one of {sorted(choices)}; received {name}={value!r}."
+            f"`{name}` must be one of {sorted(choices, key=repr)}; received "
+            f"{name}={value!r}."
         )
     return value
 

@@ -1,6 +1,7 @@
 """A bank of dense experts stored as stacked weights."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from moe_keras import _config
@@ -84,6 +85,39 @@ def _sigmoid_again(x):
     # pass cannot merge the backward's recomputation with the forward's
     # value and keep that alive instead.
     return 0.5 + 0.5 * ops.tanh(0.5 * x)
+
+
+def _clamped_swiglu(h, alpha, limit):
+    """GPT-OSS's GLU of a fused `[gate, up]` projection: the gate clipped
+    above at `limit`, the up half into `[-limit, limit]`, then
+    `gate * sigmoid(alpha * gate) * (up + 1)`."""
+    gate, up = ops.split(h, 2, axis=-1)
+    gate = ops.minimum(gate, limit)
+    up = ops.clip(up, -limit, limit)
+    return gate * ops.sigmoid(alpha * gate) * (up + 1.0)
+
+
+GLU_FORMS = (False, True, "clamped_swiglu")
+
+
+def check_gated(gated, activation):
+    """`gated` validated against `activation` (already `get`-ed)."""
+    if isinstance(gated, bool) or gated == "clamped_swiglu":
+        pass
+    elif isinstance(gated, (int, np.integer)) and gated in (0, 1):
+        gated = bool(gated)
+    else:
+        raise ValueError(
+            "`gated` must be False, True or 'clamped_swiglu'; received "
+            f"gated={gated!r}."
+        )
+    if gated == "clamped_swiglu" and activation is not keras.activations.linear:
+        raise ValueError(
+            "`gated='clamped_swiglu'` computes its own activation "
+            "(`gate * sigmoid(glu_alpha * gate)`); leave `activation` unset. "
+            f"Received activation={keras.activations.serialize(activation)!r}."
+        )
+    return gated
 
 
 def _silu_times(h, sigmoid=ops.sigmoid):
@@ -174,6 +208,10 @@ class DenseExperts(keras.layers.Layer):
     `gated=True` makes the first projection a GLU,
     `activation(x @ Wg_e) * (x @ Wu_e)` (SwiGLU with `activation="silu"`);
     its gate and up projections share one fused kernel so each is one matmul.
+    `gated="clamped_swiglu"` is GPT-OSS's GLU: with `g = min(x @ Wg_e,
+    limit)` and `u = clip(x @ Wu_e, -limit, limit)`, it computes
+    `g * sigmoid(alpha * g) * (u + 1)`. `use_output_scale=True` multiplies each
+    expert's output by a learned scalar of its own (Gemma 4).
     Weights are stacked along a leading experts axis, so all experts run as
     one batched matmul rather than a Python loop over layers.
 
@@ -184,9 +222,20 @@ class DenseExperts(keras.layers.Layer):
             MLP with this hidden size. Defaults to `None` (one projection).
         activation: activation of the hidden layer (or of the output when
             `hidden_units` is None). Defaults to `None` (linear).
-        gated: bool, whether the first projection is a GLU. Defaults to
-            `False`.
+        gated: `False`, `True` or `"clamped_swiglu"`: whether the first
+            projection is a GLU, and which. `True`: `activation(gate) * up`.
+            `"clamped_swiglu"`: GPT-OSS's clamped SwiGLU (above), which
+            takes no `activation`. The kernel holds the gate half's columns
+            first, then the up half's. Defaults to `False`.
+        glu_alpha: float > 0, the `alpha` of `"clamped_swiglu"`. Defaults
+            to `1.702`.
+        glu_limit: float > 0, the `limit` of `"clamped_swiglu"`. Defaults
+            to `7.0`.
         use_bias: bool, whether the experts have biases. Defaults to `True`.
+        use_output_scale: bool, whether each expert's output is multiplied
+            by a learned scalar of its own (the weight `output_scale`,
+            `[E]`, initialised to ones), after the output bias. Defaults to
+            `False`.
         kernel_initializer: initializer of the kernels `[E, in, out]`.
             Defaults to `"glorot_uniform"`. A variance-scaling initializer
             is scaled so that each expert gets the init a `Dense` layer of
@@ -271,6 +320,9 @@ class DenseExperts(keras.layers.Layer):
         bias_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        glu_alpha=1.702,
+        glu_limit=7.0,
+        use_output_scale=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -280,8 +332,11 @@ class DenseExperts(keras.layers.Layer):
             hidden_units, "hidden_units", allow_none=True
         )
         self.activation = keras.activations.get(activation)
-        self.gated = bool(gated)
+        self.gated = check_gated(gated, self.activation)
+        self.glu_alpha = _validation.positive_float(glu_alpha, "glu_alpha")
+        self.glu_limit = _validation.positive_float(glu_limit, "glu_limit")
         self.use_bias = bool(use_bias)
+        self.use_output_scale = bool(use_output_scale)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -293,7 +348,8 @@ class DenseExperts(keras.layers.Layer):
         """The names of the weights `build` makes, `[E, ...]` each."""
         prefixes = ("",) if self.hidden_units is None else ("in_", "out_")
         kinds = ("kernel", "bias") if self.use_bias else ("kernel",)
-        return [f"{p}{kind}" for p in prefixes for kind in kinds]
+        names = [f"{p}{kind}" for p in prefixes for kind in kinds]
+        return names + (["output_scale"] if self.use_output_scale else [])
 
     def _projection(self, name, fan_in, fan_out):
         kernel = self.add_weight(
@@ -332,6 +388,13 @@ class DenseExperts(keras.layers.Layer):
             self.kernel_out, self.bias_out = self._projection(
                 "out_", self.hidden_units, self.units
             )
+        self.output_scale = None
+        if self.use_output_scale:
+            self.output_scale = self.add_weight(
+                name="output_scale",
+                shape=(self.num_experts,),
+                initializer="ones",
+            )
 
     def _first_projection(self):
         if self.hidden_units is None:
@@ -340,12 +403,16 @@ class DenseExperts(keras.layers.Layer):
 
     def _activate(self, h, row_weights=None, custom_gradient=True):
         """The activation, then each row scaled by `row_weights`."""
-        swiglu = self.gated and self.activation is keras.activations.silu
+        swiglu = (
+            self.gated is True and self.activation is keras.activations.silu
+        )
         if swiglu and custom_gradient:
             if row_weights is None:
                 return _swiglu(h)
             return _swiglu_scaled(h, row_weights)
-        if swiglu:
+        if self.gated == "clamped_swiglu":
+            h = _clamped_swiglu(h, self.glu_alpha, self.glu_limit)
+        elif swiglu:
             h = _silu_times(h)
         elif self.gated:
             gate, up = ops.split(h, 2, axis=-1)
@@ -403,6 +470,8 @@ class DenseExperts(keras.layers.Layer):
             h = ops.einsum("teh,ehu->teu", h, self.kernel_out)
             if self.bias_out is not None:
                 h = h + self.bias_out
+        if self.output_scale is not None:
+            h = h * ops.cast(self.output_scale, h.dtype)[:, None]
         return ops.reshape(
             h, tuple(shape[:-1]) + (self.num_experts, self.units)
         )
@@ -410,6 +479,7 @@ class DenseExperts(keras.layers.Layer):
     def _grouped(self, inputs, group_experts, group_weights, custom, batched):
         kernel, bias = self._first_projection()
         kernel_out, bias_out = self.kernel_out, self.bias_out
+        scale = self.output_scale
         if group_weights is not None:
             group_weights = ops.cast(group_weights, self.compute_dtype)
         if group_experts is not None:
@@ -422,6 +492,7 @@ class DenseExperts(keras.layers.Layer):
                 _take(bias, group_experts, custom),
                 _take(bias_out, group_experts, custom),
             )
+            scale = _take(scale, group_experts, custom)
         elif not batched:
             return ops.stack(
                 [
@@ -433,6 +504,7 @@ class DenseExperts(keras.layers.Layer):
                         None if bias_out is None else bias_out[e],
                         None if group_weights is None else group_weights[e],
                         custom,
+                        out_scale=None if scale is None else scale[e],
                     )
                     for e in range(self.num_experts)
                 ]
@@ -445,22 +517,24 @@ class DenseExperts(keras.layers.Layer):
             None if bias_out is None else bias_out[:, None, :],
             group_weights,
             custom,
+            out_scale=None if scale is None else scale[:, None, None],
         )
 
     def _sorted_rows(self, rows, sizes, row_weights, implementation, custom):
         """Rows sorted by expert through one grouped matmul a projection:
         no padding, and no per-row copy of any expert's weights."""
         kernel, bias = self._first_projection()
-        bias_out = self.bias_out
-        if self.use_bias:
-            # Rows past the groups borrow the last expert's bias; the
-            # dispatch never reads their outputs.
+        bias_out, scale = self.bias_out, None
+        if self.use_bias or self.use_output_scale:
+            # Rows past the groups borrow the last expert's bias and scale;
+            # the dispatch never reads their outputs.
             expert = ops.minimum(
                 kernels.row_groups(sizes, ops.shape(rows)[0]),
                 self.num_experts - 1,
             )
             bias = _take(bias, expert, custom)
             bias_out = _take(bias_out, expert, custom)
+            scale = _take(self.output_scale, expert, custom)
         if row_weights is not None:
             row_weights = ops.cast(row_weights, self.compute_dtype)
 
@@ -478,6 +552,7 @@ class DenseExperts(keras.layers.Layer):
             row_weights,
             custom,
             matmul,
+            out_scale=None if scale is None else scale[:, None],
         )
 
     def _mlp(
@@ -490,24 +565,27 @@ class DenseExperts(keras.layers.Layer):
         row_weights=None,
         custom_gradient=True,
         matmul=ops.matmul,
+        out_scale=None,
     ):
         """One expert's `[tokens, features]`, or a batch of groups with
         leading axes on every argument, or rows sorted by expert with a
         grouped `matmul`. `row_weights` (`[..., tokens]`) scales each
-        row's output."""
+        row's output, and so does `out_scale` (the expert's output scale,
+        broadcast to the output)."""
         h = matmul(x, kernel)
         if bias is not None:
             h = h + bias
         # Scaling the hidden activations, before the down projection, is
         # the same as scaling the output, and fuses into the activation.
-        h = self._activate(h, row_weights, custom_gradient)
-        if kernel_out is None:
-            return h
-        out = matmul(h, kernel_out)
-        if bias_out is not None:
-            if row_weights is not None:
-                bias_out = bias_out * row_weights[..., None]
-            out = out + bias_out
+        out = self._activate(h, row_weights, custom_gradient)
+        if kernel_out is not None:
+            out = matmul(out, kernel_out)
+            if bias_out is not None:
+                if row_weights is not None:
+                    bias_out = bias_out * row_weights[..., None]
+                out = out + bias_out
+        if out_scale is not None:
+            out = out * out_scale
         return out
 
     def compute_output_spec(
@@ -534,7 +612,10 @@ class DenseExperts(keras.layers.Layer):
                 "hidden_units": self.hidden_units,
                 "activation": keras.activations.serialize(self.activation),
                 "gated": self.gated,
+                "glu_alpha": self.glu_alpha,
+                "glu_limit": self.glu_limit,
                 "use_bias": self.use_bias,
+                "use_output_scale": self.use_output_scale,
             }
         )
         config.update(

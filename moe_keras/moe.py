@@ -15,6 +15,7 @@ from moe_keras import statistics as statistics_lib
 from moe_keras import voting
 from moe_keras.experts import DenseExperts
 from moe_keras.experts import ExpertList
+from moe_keras.experts import check_gated
 
 _DISPATCH_MODES = ("auto", "dense", "sparse")
 
@@ -86,9 +87,16 @@ class MoE(keras.layers.Layer):
             projection).
         activation: activation of the experts' hidden layer (or of their
             output without `hidden_units`). Defaults to `None` (linear).
-        gated: bool, GLU experts (SwiGLU with `activation="silu"`).
-            Defaults to `False`.
+        gated: `False`, `True` for GLU experts (SwiGLU with
+            `activation="silu"`), or `"clamped_swiglu"` for GPT-OSS's
+            clamped SwiGLU (see `DenseExperts`). Defaults to `False`.
+        glu_alpha: float > 0, the `alpha` of `"clamped_swiglu"`. Defaults
+            to `1.702`.
+        glu_limit: float > 0, the `limit` of `"clamped_swiglu"`. Defaults
+            to `7.0`.
         use_bias: bool, biases in the experts. Defaults to `True`.
+        use_output_scale: bool, a learned scalar per routed expert that
+            multiplies its output (Gemma 4). Defaults to `False`.
         num_shared_experts: int >= 0, experts every position passes through,
             added to the routed mixture: `y = shared(x) + sum_i g_i e_i(x)`
             (DeepSeekMoE; DeepSpeed's residual MoE). Needs `units`.
@@ -176,6 +184,10 @@ class MoE(keras.layers.Layer):
         mask: optional `(batch, ...)` Keras mask.
         routing_ids: optional `(batch, ...)` integer ids per position, for
             id-based gates (`HashGate`, `ClusterGate`).
+        router_inputs: optional floats of the same shape as `inputs` that
+            the gate scores instead of `inputs`, while the experts still
+            run on `inputs`: for a router that sees the position before a
+            normalisation only the experts get (Gemma 4).
 
     Input shape:
         `(batch, ..., features)`, any rank >= 2; routing is per position.
@@ -214,7 +226,10 @@ class MoE(keras.layers.Layer):
         hidden_units=None,
         activation=None,
         gated=False,
+        glu_alpha=1.702,
+        glu_limit=7.0,
         use_bias=True,
+        use_output_scale=False,
         num_shared_experts=0,
         shared_hidden_units=None,
         gate="softmax",
@@ -244,6 +259,8 @@ class MoE(keras.layers.Layer):
         expert_kwargs = dict(
             activation=activation,
             gated=gated,
+            glu_alpha=glu_alpha,
+            glu_limit=glu_limit,
             use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
@@ -264,10 +281,16 @@ class MoE(keras.layers.Layer):
                 num_experts=num_experts,
                 units=units,
                 hidden_units=hidden_units,
+                use_output_scale=use_output_scale,
                 name="experts",
                 **expert_kwargs,
             )
         else:
+            if use_output_scale:
+                raise ValueError(
+                    "`use_output_scale` adds a weight to stacked experts; "
+                    "with `experts` given as layers, scale inside them."
+                )
             self.experts = ExpertList(experts, name="experts")
             if (
                 num_experts is not None
@@ -285,8 +308,11 @@ class MoE(keras.layers.Layer):
             hidden_units, "hidden_units", allow_none=True
         )
         self.activation = keras.activations.get(activation)
-        self.gated = bool(gated)
+        self.gated = check_gated(gated, self.activation)
+        self.glu_alpha = _validation.positive_float(glu_alpha, "glu_alpha")
+        self.glu_limit = _validation.positive_float(glu_limit, "glu_limit")
         self.use_bias = bool(use_bias)
+        self.use_output_scale = bool(use_output_scale)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -499,6 +525,7 @@ class MoE(keras.layers.Layer):
         mask=None,
         routing_ids=None,
         inputs_mask=None,
+        router_inputs=None,
     ):
         # With `routing_ids` Keras passes the inputs' mask as `inputs_mask`.
         mask = mask if mask is not None else inputs_mask
@@ -509,9 +536,12 @@ class MoE(keras.layers.Layer):
         if mask is not None:
             valid = ops.reshape(ops.cast(mask, "bool"), (-1,))  # [tokens]
         x = self._on_token_devices(x)
+        scored = x
+        if router_inputs is not None:
+            scored = self._router_inputs(router_inputs, inputs)
 
         routing = self.gate(
-            x,
+            scored,
             training=training,
             routing=True,
             top_k=self.top_k,
@@ -550,6 +580,28 @@ class MoE(keras.layers.Layer):
                 **auxiliary,
             )
         return ops.reshape(y, tuple(shape[:-1]) + (self.units,))
+
+    def _router_inputs(self, router_inputs, inputs):
+        """`router_inputs` as `[tokens, features]`, checked against the
+        inputs' shape."""
+        known = [
+            (a, b)
+            for a, b in zip(router_inputs.shape, inputs.shape)
+            if a is not None and b is not None
+        ]
+        if len(router_inputs.shape) != len(inputs.shape) or any(
+            a != b for a, b in known
+        ):
+            raise ValueError(
+                f"Layer {self.name}: `router_inputs` must have the shape of "
+                f"the inputs, {tuple(inputs.shape)}; received shape "
+                f"{tuple(router_inputs.shape)}."
+            )
+        _validation.float_input(router_inputs.dtype, self.name)
+        features = ops.shape(inputs)[-1]
+        return self._on_token_devices(
+            ops.reshape(router_inputs, (-1, features))
+        )
 
     # --- token choice: each position picks its experts -------------------
 
@@ -891,7 +943,10 @@ class MoE(keras.layers.Layer):
                 "hidden_units": self.hidden_units,
                 "activation": keras.activations.serialize(self.activation),
                 "gated": self.gated,
+                "glu_alpha": self.glu_alpha,
+                "glu_limit": self.glu_limit,
                 "use_bias": self.use_bias,
+                "use_output_scale": self.use_output_scale,
                 "num_shared_experts": self.num_shared_experts,
                 "shared_hidden_units": self.shared_hidden_units,
                 "gate": keras.saving.serialize_keras_object(self.gate),

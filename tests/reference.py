@@ -35,7 +35,13 @@ def experts_forward(experts, x):
         else:
             kernel, bias = weights["in_kernel"][e], weights.get("in_bias")
         h = x @ kernel + (bias[e] if bias is not None else 0.0)
-        if experts.gated:
+        if experts.gated == "clamped_swiglu":
+            half = h.shape[-1] // 2
+            limit, alpha = experts.glu_limit, experts.glu_alpha
+            gate = np.minimum(h[:, :half], limit)
+            up = np.clip(h[:, half:], -limit, limit)
+            h = gate * sigmoid(alpha * gate) * (up + 1.0)
+        elif experts.gated:
             half = h.shape[-1] // 2
             h = act(h[:, :half]) * h[:, half:]
         else:
@@ -45,12 +51,21 @@ def experts_forward(experts, x):
             h = h @ weights["out_kernel"][e] + (
                 out_bias[e] if out_bias is not None else 0.0
             )
+        if "output_scale" in weights:
+            h = h * weights["output_scale"][e]
         outs.append(h)
     return np.stack(outs, axis=1)
 
 
 def gate_forward(gate, x):
     """Returns `(probs, logits)` of a gate on `x` `[T, d]`."""
+    if gate.input_norm == "rms":
+        x = x / np.sqrt(
+            np.mean(x**2, -1, keepdims=True) + gate.input_norm_epsilon
+        )
+    x = x * gate.input_multiplier
+    if gate.input_scale is not None:
+        x = x * keras.ops.convert_to_numpy(gate.input_scale)
     logits = x @ keras.ops.convert_to_numpy(gate.kernel)
     if gate.bias is not None:
         logits = logits + keras.ops.convert_to_numpy(gate.bias)
@@ -87,12 +102,12 @@ def capacity_keep(order, num_experts, capacity, valid=None):
     return keep
 
 
-def moe_forward(layer, x, capacity=None, valid=None):
+def moe_forward(layer, x, capacity=None, valid=None, router_x=None):
     """NumPy forward of an `MoE` layer on `x` `[T, d]` -> `[T, units]`.
 
     With `capacity`, assignments that do not fit are dropped, as the sparse
-    dispatch does."""
-    probs, _ = gate_forward(layer.gate, x)
+    dispatch does. `router_x`: what the gate scores, if not `x`."""
+    probs, _ = gate_forward(layer.gate, x if router_x is None else router_x)
     if layer.top_k is None:
         weights = probs
     else:

@@ -15,6 +15,7 @@ CONFIGS = [
     dict(hidden_units=6, activation="relu"),
     dict(hidden_units=6, activation="silu", gated=True),
     dict(gated=True, activation="silu", use_bias=False),
+    dict(hidden_units=6, gated="clamped_swiglu", use_output_scale=True),
 ]
 
 
@@ -22,7 +23,7 @@ CONFIGS = [
 def test_layer_contract(config, tmp_path):
     num_weights = (1 if config.get("hidden_units") is None else 2) * (
         2 if config.get("use_bias", True) else 1
-    )
+    ) + config.get("use_output_scale", False)
     run_layer_test(
         DenseExperts,
         dict(num_experts=3, units=5, **config),
@@ -69,19 +70,26 @@ def _numpy_grouped(experts, x, weights=None):
         "relu": lambda z: np.maximum(z, 0),
         "tanh": np.tanh,
     }
-    act = acts[keras.activations.serialize(experts.activation)]
+    act = acts.get(keras.activations.serialize(experts.activation))
     params = {w.path.split("/")[-1]: keras.ops.convert_to_numpy(w).astype("float64") for w in
               experts.weights}  # fmt: skip
     first = "kernel" if experts.hidden_units is None else "in_kernel"
     h = np.einsum("gtd,gdh->gth", x, params[first])
     if experts.use_bias:
         h = h + params[first.replace("kernel", "bias")][:, None]
-    if experts.gated:
+    if experts.gated == "clamped_swiglu":
+        gate, up = np.split(h, 2, -1)
+        gate = np.minimum(gate, experts.glu_limit)
+        up = np.clip(up, -experts.glu_limit, experts.glu_limit)
+        h = gate / (1 + np.exp(-experts.glu_alpha * gate)) * (up + 1)
+    elif experts.gated:
         gate, up = np.split(h, 2, -1)
         h = act(gate) * up
     else:
         h = act(h)
     scale = 1.0 if weights is None else weights[..., None]
+    if "output_scale" in params:
+        scale = scale * params["output_scale"][:, None, None]
     if experts.hidden_units is None:
         return h * scale
     out = np.einsum("gth,ghu->gtu", h, params["out_kernel"])
@@ -112,6 +120,12 @@ def _central_differences(f, value, eps=1e-5):
         dict(hidden_units=4, gated=True, activation="gelu", use_bias=False),
         dict(hidden_units=4, activation="relu"),
         dict(activation="tanh"),
+        dict(
+            hidden_units=4,
+            gated="clamped_swiglu",
+            glu_limit=0.8,
+            use_output_scale=True,
+        ),
     ],
 )
 def test_grouped_gradients_match_finite_differences(config, scaled, batched):

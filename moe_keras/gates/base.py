@@ -110,6 +110,20 @@ class Gate(keras.layers.Layer):
             Defaults to `None` (a linear router).
         hidden_activation: activation of the router's hidden layer.
             Defaults to `"relu"`.
+        input_norm: `None` or `"rms"`. `"rms"` divides the router's input
+            by its root mean square over the features,
+            `x / sqrt(mean(x^2) + input_norm_epsilon)`, with no learned
+            scale, before the logits. Defaults to `None`.
+        input_norm_epsilon: float > 0, the epsilon of `input_norm`.
+            Defaults to `1e-6`.
+        input_multiplier: float, a constant the router's input is
+            multiplied by (after `input_norm`). Defaults to 1.0.
+        use_input_scale: bool, whether the router's input is multiplied by
+            a learned per-feature scale (the weight `input_scale`,
+            `[features]`, initialised to ones) after `input_norm` and
+            `input_multiplier`. Gemma 4's router is `input_norm="rms"`,
+            `input_multiplier=features ** -0.5`, `use_input_scale=True`.
+            Defaults to `False`.
         normalize_top_k: bool or None. Whether the k selected weights are
             renormalised to sum to 1. `None` (the default) keeps each
             gate's own rule (`SoftmaxGate`: for k > 1 only; `SigmoidGate`:
@@ -183,6 +197,10 @@ class Gate(keras.layers.Layer):
         hidden_units=None,
         hidden_activation="relu",
         normalize_top_k=None,
+        input_norm=None,
+        input_norm_epsilon=1e-6,
+        input_multiplier=1.0,
+        use_input_scale=False,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -204,11 +222,24 @@ class Gate(keras.layers.Layer):
         self.hidden_units = _validation.positive_int(
             hidden_units, "hidden_units", allow_none=True
         )
+        self.input_norm = _validation.one_of(
+            input_norm, "input_norm", (None, "rms")
+        )
+        self.input_norm_epsilon = _validation.positive_float(
+            input_norm_epsilon, "input_norm_epsilon"
+        )
+        self.input_multiplier = _validation.finite_float(
+            input_multiplier, "input_multiplier"
+        )
+        self.use_input_scale = bool(use_input_scale)
         if not self.scores_inputs:
             for option, value, unset in (
                 ("hidden_units", self.hidden_units, None),
                 ("use_bias", self.use_bias, False),
                 ("jitter", self.jitter, 0.0),
+                ("input_norm", self.input_norm, None),
+                ("input_multiplier", self.input_multiplier, 1.0),
+                ("use_input_scale", self.use_input_scale, False),
             ):
                 if value != unset:
                     raise ValueError(
@@ -234,6 +265,11 @@ class Gate(keras.layers.Layer):
             )
         features = _validation.feature_dim(input_shape, self.name)
         self.input_spec = _validation.features_spec(features)
+        self.input_scale = None
+        if self.use_input_scale:
+            self.input_scale = self.add_weight(
+                name="input_scale", shape=(features,), initializer="ones"
+            )
         self.build_router(features)
         if self.bias_update_rate > 0:
             self.selection_bias = self.add_weight(
@@ -277,8 +313,16 @@ class Gate(keras.layers.Layer):
 
     # --- scoring ---------------------------------------------------------
 
-    def jittered(self, x, training):
-        """The router's input, with Switch jitter while training."""
+    def router_input(self, x, training):
+        """The router's input: `input_norm`, `input_multiplier` and the
+        learned `input_scale`, then Switch jitter while training."""
+        if self.input_norm == "rms":
+            mean_square = ops.mean(ops.square(x), axis=-1, keepdims=True)
+            x = x * ops.rsqrt(mean_square + self.input_norm_epsilon)
+        if self.input_multiplier != 1.0:
+            x = x * self.input_multiplier
+        if self.input_scale is not None:
+            x = x * self.input_scale
         if training and self.jitter > 0:
             x = x * keras.random.uniform(
                 ops.shape(x),
@@ -289,9 +333,12 @@ class Gate(keras.layers.Layer):
             )
         return x
 
+    # The name before the input transform joined the jitter.
+    jittered = router_input
+
     def compute_logits(self, x, training=None, routing_ids=None):
         """Router logits `[T, E]`."""
-        x = self.jittered(x, training)
+        x = self.router_input(x, training)
         if self.hidden_kernel is not None:
             # [T, hidden]: the MLP router's hidden layer.
             x = self.hidden_activation(
@@ -409,6 +456,10 @@ class Gate(keras.layers.Layer):
                     self.hidden_activation
                 ),
                 "normalize_top_k": self.normalize_top_k,
+                "input_norm": self.input_norm,
+                "input_norm_epsilon": self.input_norm_epsilon,
+                "input_multiplier": self.input_multiplier,
+                "use_input_scale": self.use_input_scale,
             }
         )
         config.update(

@@ -120,7 +120,7 @@ class ClusterGate(SoftmaxGate):
         ids = self.cluster_ids(routing_ids)
         if not self.input_dependent:
             return ops.take(self.kernel, ids, axis=0)  # [T, E]
-        x = self.jittered(x, training)
+        x = self.router_input(x, training)
         kernels = ops.take(self.kernel, ids, axis=0)  # [T, features, E]
         logits = ops.einsum("td,tde->te", x, kernels)
         if self.bias is not None:

@@ -25,8 +25,10 @@ class ExpertChoiceGate(SoftmaxGate):
         **kwargs: the other arguments of `Gate` that shape the router:
             `use_bias`, `kernel_initializer`, `bias_initializer`,
             `kernel_regularizer`, `bias_regularizer`, `jitter`, `seed`,
-            `hidden_units`, `hidden_activation`, and base layer keyword
-            arguments such as `name`. (`normalize_top_k`,
+            `hidden_units`, `hidden_activation`, the router input transform
+            (`input_norm`, `input_norm_epsilon`, `input_multiplier`,
+            `use_input_scale`), and base layer keyword arguments such as
+            `name`. (`normalize_top_k`,
             `bias_update_rate` and `dropout` act on a token's selection of
             experts, which this gate does not make.)
 

@@ -29,8 +29,10 @@ class SoftmaxGate(Gate):
         **kwargs: the other arguments of `Gate`: `use_bias`,
             `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
             `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
-            `seed`, `hidden_units`, `hidden_activation`, and base layer
-            keyword arguments such as `name`.
+            `seed`, `hidden_units`, `hidden_activation`, the router input
+            transform (`input_norm`, `input_norm_epsilon`,
+            `input_multiplier`, `use_input_scale`), and base layer keyword
+            arguments such as `name`.
 
     Input shape:
         `(..., features)`.
@@ -84,8 +86,10 @@ class SigmoidGate(Gate):
         **kwargs: the other arguments of `Gate`: `use_bias`,
             `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
             `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
-            `seed`, `hidden_units`, `hidden_activation`, and base layer
-            keyword arguments such as `name`. `use_bias=True` adds a
+            `seed`, `hidden_units`, `hidden_activation`, the router input
+            transform (`input_norm`, `input_norm_epsilon`,
+            `input_multiplier`, `use_input_scale`), and base layer keyword
+            arguments such as `name`. `use_bias=True` adds a
             learned bias to every expert's logit.
 
     Input shape:
@@ -137,8 +141,10 @@ class ActivationGate(Gate):
         **kwargs: the other arguments of `Gate`: `use_bias`,
             `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
             `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
-            `seed`, `hidden_units`, `hidden_activation`, and base layer
-            keyword arguments such as `name`. `normalize_top_k=True`
+            `seed`, `hidden_units`, `hidden_activation`, the router input
+            transform (`input_norm`, `input_norm_epsilon`,
+            `input_multiplier`, `use_input_scale`), and base layer keyword
+            arguments such as `name`. `normalize_top_k=True`
             renormalises the k selected weights (the default keeps them).
 
     Input shape:
@@ -233,8 +239,10 @@ class NoisyTopKGate(SoftmaxGate):
         **kwargs: the other arguments of `Gate`: `use_bias`,
             `kernel_initializer`, `bias_initializer`, `kernel_regularizer`,
             `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
-            `seed`, `hidden_units`, `hidden_activation`, and base layer
-            keyword arguments such as `name`. `normalize_top_k` as in
+            `seed`, `hidden_units`, `hidden_activation`, the router input
+            transform (`input_norm`, `input_norm_epsilon`,
+            `input_multiplier`, `use_input_scale`), and base layer keyword
+            arguments such as `name`. `normalize_top_k` as in
             `SoftmaxGate`.
 
     Input shape:

@@ -41,10 +41,20 @@ def custom_objects():
 
     _common.import_keras_hub("hub.custom_objects")
     from moe_keras.hub import _sparse_families
+    from moe_keras.hub import _sparse_gemma4
+    from moe_keras.hub import _sparse_gpt_oss
+    from moe_keras.hub import _sparse_qwen3_5_moe
     from moe_keras.hub import _upcycle_families
 
     objects = {}
-    for module in (_sparse_families, _upcycle_families):
+    modules = (
+        _sparse_families,
+        _sparse_gpt_oss,
+        _sparse_gemma4,
+        _sparse_qwen3_5_moe,
+        _upcycle_families,
+    )
+    for module in modules:
         for value in vars(module).values():
             if isinstance(value, type) and issubclass(
                 value, keras.layers.Layer

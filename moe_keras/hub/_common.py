@@ -132,6 +132,8 @@ def routed_moe(
     router_initializer="glorot_uniform",
     dtype=None,
     name="moe",
+    gate_options=None,
+    **moe_options,
 ):
     """The `MoE` layer standing in for a family's routed experts: the
     `TopKSoftmaxGate`, the sparse dispatch (dropless with
@@ -143,6 +145,7 @@ def routed_moe(
         jitter=jitter,
         kernel_initializer=router_initializer,
         name="gate",
+        **(gate_options or {}),
     )
     return MoE(
         num_experts=num_experts,
@@ -161,6 +164,7 @@ def routed_moe(
         kernel_initializer=kernel_initializer,
         dtype=dtype,
         name=name,
+        **moe_options,
     )
 
 

@@ -387,6 +387,31 @@ class _SparseBackboneMixin:
 
     block_attribute = None
     hub_block = None
+    # Every decoder attribute the conversion replaces, `block_attribute`
+    # first; its sparse block's `load_hub_weights` takes their originals.
+    block_attributes = None
+
+    @classmethod
+    def _attributes(cls):
+        return cls.block_attributes or (cls.block_attribute,)
+
+    @classmethod
+    def hub_layers(cls, backbone):
+        """The keras-hub layers the conversion replaces, `[[layer of each
+        attribute] of each converted decoder]`."""
+        return [
+            [getattr(decoder, name) for name in cls._attributes()]
+            for decoder in backbone.transformer_layers
+            if type(getattr(decoder, cls.block_attribute, None))
+            is cls.hub_block
+        ]
+
+    def converted_layers(self):
+        """This backbone's replacements, in the order of `hub_layers`."""
+        return [
+            [getattr(decoder, name) for name in self._attributes()]
+            for decoder, _ in self.sparse_blocks()
+        ]
 
     def __init__(self, *args, capacity_factor=None, **kwargs):
         # The keras-hub backbone builds its functional graph first; the
@@ -402,7 +427,7 @@ class _SparseBackboneMixin:
                 continue  # a dense layer (Qwen's `mlp_only_layers`)
             with keras.name_scope(decoder.name):
                 sparse = type(self).make_block(block, self.capacity_factor)
-                sparse.build(decoder._decoder_sequence_shape)
+                sparse.build(getattr(decoder, "_decoder_sequence_shape", None))
             _common.replace_sublayer(decoder, self.block_attribute, sparse)
 
     def sparse_blocks(self):

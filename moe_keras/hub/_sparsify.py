@@ -2,38 +2,6 @@
 
 from moe_keras.hub import _common
 
-# Why each keras-hub MoE block that `sparsify` does not convert is left out
-# (block class name -> reason).
-_NOT_COVERED = {
-    "GptOssSparseMoeBlock": (
-        "its experts have biases and a clamped SwiGLU "
-        "(`(clip(up) + 1) * g * sigmoid(1.702 g)`, g = clip(gate)) that "
-        "`moe_keras.DenseExperts` does not compute, and its router has a "
-        "bias and takes the softmax over the top-k logits only"
-    ),
-    "Gemma4MoEBlock": (
-        "its router (`Gemma4Router`) is a separate layer of the decoder "
-        "that RMS-normalises and scales its input, and the experts apply a "
-        "learned per-expert output scale, neither of which "
-        "`moe_keras.MoE` expresses"
-    ),
-    "Qwen3_5MoeSparseMoeBlock": (
-        "its routing matches Qwen-MoE's, but Qwen3.5-MoE's hybrid "
-        "(Gated DeltaNet and attention, multimodal) backbone has no "
-        "verified mapping here yet"
-    ),
-}
-
-
-def _find_blocks(backbone, class_names):
-    """`[(path, class name)]` of sublayers of `backbone` of those classes."""
-    found = []
-    for layer in backbone._flatten_layers(include_self=False):
-        name = type(layer).__name__
-        if name in class_names:
-            found.append((layer.path, name))
-    return found
-
 
 def sparsify(model, *, capacity_factor=None):
     """Converts a keras-hub MoE model to run its experts sparsely.
@@ -43,14 +11,20 @@ def sparsify(model, *, capacity_factor=None):
     returns a copy of `model` in which every such block is replaced by one
     that routes each token to its top-k experts through `moe_keras.MoE`'s
     sparse dispatch, with the same weights and the same routing: Mixtral's
-    softmax then renormalised top-k, Qwen's `norm_top_k_prob`, Qwen-MoE's
-    shared expert and its sigmoid gate, and the family's load-balancing
-    auxiliary loss with its coefficient. With `capacity_factor=None` the
-    dispatch is dropless, so outputs, losses and gradients equal the
-    original's up to float rounding.
+    softmax then renormalised top-k, Qwen's `norm_top_k_prob`, the shared
+    expert and its sigmoid gate of Qwen-MoE and Qwen3.5-MoE, GPT-OSS's
+    biased router with the softmax over the top-k logits and its clamped
+    SwiGLU experts with biases, Gemma 4's router input transform and
+    per-expert output scale, and the family's load-balancing auxiliary
+    loss with its coefficient (GPT-OSS and Gemma 4 have none). With
+    `capacity_factor=None` the dispatch is dropless, so outputs, losses
+    and gradients equal the original's up to float rounding.
 
-    Covered: `MixtralBackbone`, `QwenMoeBackbone`, `Qwen3MoeBackbone` and
-    the task models built on them (`MixtralCausalLM`, ...). The result is
+    Covered: all six keras-hub MoE families, `MixtralBackbone`,
+    `QwenMoeBackbone`, `Qwen3MoeBackbone`, `GptOssBackbone`,
+    `Gemma4Backbone` (with `enable_moe_block=True`) and
+    `Qwen3_5MoeBackbone`, and the task models built on them
+    (`MixtralCausalLM`, `GptOssCausalLM`, ...). The result is
     a new model (the input is left unchanged; both are in memory while it
     is built) whose backbone is `SparseMixtralBackbone` etc., a registered
     subclass that records the conversion in its config, so
@@ -72,9 +46,8 @@ def sparsify(model, *, capacity_factor=None):
     Raises:
         TypeError: `model` is not a keras-hub backbone or task model, or
             `capacity_factor` is not a number.
-        ValueError: the model has no keras-hub MoE block, has one this
-            function does not cover (the error names it and says why), or
-            was already converted; or `capacity_factor` is not > 0.
+        ValueError: the model has no keras-hub MoE block or was already
+            converted; or `capacity_factor` is not > 0.
 
     Example:
 
@@ -109,7 +82,7 @@ def sparsify(model, *, capacity_factor=None):
             f"{type(backbone).__name__})."
         )
     sparse_class = _common.family_class(
-        backbone, families.SPARSE_BACKBONES, "sparsify"
+        backbone, sparse_backbones(), "sparsify"
     )
     if sparse_class is None:
         _raise_not_covered(backbone)
@@ -123,39 +96,41 @@ def sparsify(model, *, capacity_factor=None):
             f"sparse MoE block ({sparse_class.hub_block.__name__}) to "
             "convert: every decoder layer is dense."
         )
-    old_blocks = [
-        getattr(decoder, sparse_class.block_attribute)
-        for decoder in backbone.transformer_layers
-        if type(getattr(decoder, sparse_class.block_attribute, None))
-        is sparse_class.hub_block
-    ]
+    old_layers = sparse_class.hub_layers(backbone)
+    new_layers = new_backbone.converted_layers()
     _common.copy_weights_except(
         backbone,
         new_backbone,
-        _common.variable_ids(old_blocks),
-        _common.variable_ids([block for _, block in converted]),
+        _common.variable_ids([layer for old in old_layers for layer in old]),
+        _common.variable_ids([layer for new in new_layers for layer in new]),
     )
-    for old, (_, new) in zip(old_blocks, converted):
-        new.load_hub_weights(old)
+    for old, new in zip(old_layers, new_layers):
+        new[0].load_hub_weights(*old)
     if task is None:
         return new_backbone
     return _common.rebuild_task(task, new_backbone)
 
 
+def sparse_backbones():
+    """`{keras-hub backbone class: its sparse subclass}` of every family."""
+    from moe_keras.hub import _sparse_families
+    from moe_keras.hub import _sparse_gemma4
+    from moe_keras.hub import _sparse_gpt_oss
+    from moe_keras.hub import _sparse_qwen3_5_moe
+
+    return {
+        **_sparse_families.SPARSE_BACKBONES,
+        **_sparse_gpt_oss.SPARSE_BACKBONES,
+        **_sparse_gemma4.SPARSE_BACKBONES,
+        **_sparse_qwen3_5_moe.SPARSE_BACKBONES,
+    }
+
+
 def _raise_not_covered(backbone):
     """The `ValueError` for a backbone `sparsify` has no mapping for."""
-    found = _find_blocks(backbone, _NOT_COVERED)
-    if found:
-        path, name = found[0]
-        raise ValueError(
-            f"`model` has a keras-hub {name} (at '{path}'), which "
-            f"`moe_keras.sparsify` does not cover: {_NOT_COVERED[name]}. "
-            "Covered: Mixtral, Qwen-MoE and Qwen3-MoE."
-        )
     raise ValueError(
-        f"`model` (a {type(backbone).__name__}) has no keras-hub sparse MoE "
-        "block that `moe_keras.sparsify` converts (it covers "
-        "MixtralSparseMoeBlock, QwenSparseMoeBlock and Qwen3SparseMoeBlock, "
-        "in MixtralBackbone, QwenMoeBackbone and Qwen3MoeBackbone). To turn "
-        "a dense model's FFNs into MoE layers, use `moe_keras.upcycle`."
+        f"`model` (a {type(backbone).__name__}) is not a keras-hub MoE model "
+        "that `moe_keras.sparsify` converts: it covers Mixtral, Qwen-MoE, "
+        "Qwen3-MoE, GPT-OSS, Gemma 4 and Qwen3.5-MoE. To turn a dense "
+        "model's FFNs into MoE layers, use `moe_keras.upcycle`."
     )
