@@ -5,8 +5,8 @@ keras-hub's MoE blocks run every expert on every token and mask the
 result; `sparsify` swaps them for blocks on this package's sparse,
 dropless dispatch (same weights, same routing). This times one compiled
 training step (forward, backward, Adam update) of a small randomly
-initialised causal LM of each keras-hub MoE family (Mixtral, Qwen3-MoE,
-GPT-OSS, Gemma 4, Qwen3.5-MoE), original and sparsified,
+initialised causal LM of each keras-hub MoE family (Mixtral, Qwen-MoE,
+Qwen3-MoE, GPT-OSS, Gemma 4, Qwen3.5-MoE), original and sparsified,
 side by side in one process, in turns (one step of each, round after
 round, so a busy machine slows them alike), and gives each variant's
 peak memory from a process of its own (max RSS, how much RSS grew over
@@ -47,6 +47,17 @@ MODELS = {
             num_key_value_heads=2, hidden_dim=256, intermediate_dim=512,
             moe_intermediate_dim=256, head_dim=64, num_experts=16, top_k=2,
             norm_top_k_prob=True,
+        ),
+    ),
+    # A shared expert with a sigmoid gate beside the routed ones.
+    "qwen_moe": (
+        "QwenMoeBackbone",
+        dict(
+            vocabulary_size=512, num_layers=2, num_query_heads=4,
+            num_key_value_heads=2, hidden_dim=256, intermediate_dim=512,
+            moe_intermediate_dim=256, shared_expert_intermediate_dim=512,
+            num_experts=16, top_k=2, norm_top_k_prob=True,
+            decoder_sparse_step=1,
         ),
     ),
     # GPT-OSS-20b's routing ratio (top-4 of 32: 8 times the expert work).
@@ -96,6 +107,7 @@ MODELS = {
 TASKS = {
     "mixtral": "MixtralCausalLM",
     "qwen3_moe": "Qwen3MoeCausalLM",
+    "qwen_moe": "QwenMoeCausalLM",
     "gpt_oss": "GptOssCausalLM",
     "gemma4": "Gemma4CausalLM",
     "qwen3_5_moe": "Qwen3_5MoeCausalLM",
@@ -103,7 +115,9 @@ TASKS = {
 }
 # sparsified: `sparsify(model)`, dropless; cf1.0: capacity_factor=1.0.
 VARIANTS = ("keras-hub", "sparsified", "sparsified-cf1.0")
-DEFAULT_MODELS = ("mixtral", "qwen3_moe", "gpt_oss", "gemma4", "qwen3_5_moe")
+DEFAULT_MODELS = (
+    "mixtral", "qwen_moe", "qwen3_moe", "gpt_oss", "gemma4", "qwen3_5_moe"
+)  # fmt: skip
 
 
 def _build(model_name, variant, jit_compile):

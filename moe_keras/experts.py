@@ -9,6 +9,16 @@ from moe_keras import _validation
 from moe_keras import dispatch as dispatch_lib
 from moe_keras import kernels
 
+# `ExpertList` lives in its own module; other modules and users import it
+# from here, as they did before it moved.
+from moe_keras._expert_list import ExpertList as ExpertList
+from moe_keras._quantized_experts import QuantizedExpertsMixin
+from moe_keras._quantized_experts import _Float8Kernel
+from moe_keras._quantized_experts import _IntKernel
+from moe_keras._quantized_experts import _matmul
+from moe_keras._quantized_experts import _stack_features
+from moe_keras._quantized_experts import _take
+
 
 def _per_expert_initializer(initializer, num_experts):
     """Makes a fan-based initializer see one expert's `(in, out)` fans.
@@ -169,37 +179,8 @@ def _scale_rows(h, weights):
     return h * weights[..., None], backward
 
 
-def _take(weight, indices, custom_gradient=True):
-    """`weight[indices]` along the experts axis, with a dense gradient.
-
-    Autodiff of a gather gives TensorFlow an `IndexedSlices` gradient with
-    one slice per block, so an expert with several blocks repeats its
-    index. Optimizers that square or normalise the gradient (Adam,
-    RMSprop, Adafactor, Lion) apply such slices one at a time instead of
-    to their sum, and move the weight by the wrong amount. The backward
-    here sums the blocks of each expert first, as one dense tensor.
-    """
-    if weight is None:
-        return None
-    if not custom_gradient:
-        return ops.take(weight, indices, axis=0)
-    num_experts = ops.shape(weight)[0]
-
-    def forward(weight):
-        def backward(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            return ops.segment_sum(upstream, indices, num_segments=num_experts)
-
-        return ops.take(weight, indices, axis=0), backward
-
-    # A read of the variable, not the variable: TensorFlow's eager custom
-    # gradient would otherwise ask for the gradient of variables it reads.
-    return ops.custom_gradient(forward)(ops.copy(weight))
-
-
 @keras.saving.register_keras_serializable(package="moe_keras")
-class DenseExperts(keras.layers.Layer):
+class DenseExperts(QuantizedExpertsMixin, keras.layers.Layer):
     """A bank of `num_experts` dense experts held as stacked weights.
 
     Every expert is the same small network with its own weights: a single
@@ -214,6 +195,19 @@ class DenseExperts(keras.layers.Layer):
     expert's output by a learned scalar of its own (Gemma 4).
     Weights are stacked along a leading experts axis, so all experts run as
     one batched matmul rather than a Python loop over layers.
+
+    `layer.quantize(mode)` (and `model.quantize(mode)`, which reaches
+    every `DenseExperts`) quantizes the expert bank as Keras quantizes a
+    `Dense` layer. `"int8"`: each kernel becomes int8 with float scales per
+    expert and output channel (abs-max over the input axis); each row of
+    the inputs is quantized too and the matmul runs on integers. `"int4"`:
+    the same per-channel scheme in `[-8, 7]`, two values packed to a byte,
+    the inputs left float. `"float8"`: float8 training (delayed scaling of
+    inputs, kernels and output gradients). Biases and `output_scale` stay
+    float. Every dispatch form runs on the quantized kernels; the grouped
+    matmul of sorted rows (`group_sizes`) casts the integers to the compute
+    dtype inside the call, and float8 runs grouped experts batched.
+    Integer kernels are not trained; the inputs still get gradients.
 
     Args:
         num_experts: int, number of experts E.
@@ -236,6 +230,8 @@ class DenseExperts(keras.layers.Layer):
             by a learned scalar of its own (the weight `output_scale`,
             `[E]`, initialised to ones), after the output bias. Defaults to
             `False`.
+        quantization_config: optional `keras.quantizers.QuantizationConfig`
+            of a quantized layer; `quantize` sets it. Defaults to `None`.
         kernel_initializer: initializer of the kernels `[E, in, out]`.
             Defaults to `"glorot_uniform"`. A variance-scaling initializer
             is scaled so that each expert gets the init a `Dense` layer of
@@ -304,6 +300,11 @@ class DenseExperts(keras.layers.Layer):
     (4, 6, 2)
     >>> tuple(experts.kernel_in.shape), tuple(experts.kernel_out.shape)
     ((4, 3, 4), (4, 4, 2))
+    >>> experts.quantize("int8")
+    >>> experts.quantization_mode, experts.kernel_in.dtype
+    ('int8', 'int8')
+    >>> tuple(experts.in_kernel_scale.shape)  # per expert, per output
+    (4, 4)
     """
 
     def __init__(
@@ -323,6 +324,7 @@ class DenseExperts(keras.layers.Layer):
         glu_alpha=1.702,
         glu_limit=7.0,
         use_output_scale=False,
+        quantization_config=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -343,6 +345,12 @@ class DenseExperts(keras.layers.Layer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
+        if isinstance(quantization_config, dict):
+            quantization_config = keras.saving.deserialize_keras_object(
+                quantization_config
+            )
+        self.quantization_config = quantization_config
+        self.inputs_quantizer = None
 
     def weight_names(self):
         """The names of the weights `build` makes, `[E, ...]` each."""
@@ -351,16 +359,38 @@ class DenseExperts(keras.layers.Layer):
         names = [f"{p}{kind}" for p in prefixes for kind in kinds]
         return names + (["output_scale"] if self.use_output_scale else [])
 
-    def _projection(self, name, fan_in, fan_out):
-        kernel = self.add_weight(
-            name=f"{name}kernel",
-            shape=(self.num_experts, fan_in, fan_out),
-            initializer=_per_expert_initializer(
-                self.kernel_initializer, self.num_experts
-            ),
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
+    def _projections(self):
+        """`(kernel attribute, bias attribute, weight-name prefix)` of each
+        projection, first to last."""
+        if self.hidden_units is None:
+            return (("kernel", "bias", ""),)
+        return (
+            ("kernel_in", "bias_in", "in_"),
+            ("kernel_out", "bias_out", "out_"),
         )
+
+    def _kernel_shapes(self, features):
+        """`(fan_in, fan_out)` of each projection's kernel (per expert)."""
+        first_units = self.hidden_units or self.units
+        # A GLU's gate and up halves live side by side in one kernel.
+        width = 2 * first_units if self.gated else first_units
+        if self.hidden_units is None:
+            return ((features, width),)
+        return ((features, width), (self.hidden_units, self.units))
+
+    def _projection(self, name, fan_in, fan_out, kernel=True):
+        if kernel:
+            kernel = self.add_weight(
+                name=f"{name}kernel",
+                shape=(self.num_experts, fan_in, fan_out),
+                initializer=_per_expert_initializer(
+                    self.kernel_initializer, self.num_experts
+                ),
+                regularizer=self.kernel_regularizer,
+                constraint=self.kernel_constraint,
+            )
+        else:
+            kernel = None  # An integer kernel, from `quantized_build`.
         bias = None
         if self.use_bias:
             bias = self.add_weight(
@@ -375,19 +405,18 @@ class DenseExperts(keras.layers.Layer):
     def build(self, input_shape):
         features = _validation.feature_dim(input_shape, self.name)
         self.input_spec = _validation.features_spec(features)
-        first_units = self.hidden_units or self.units
-        # A GLU's gate and up halves live side by side in one kernel.
-        width = 2 * first_units if self.gated else first_units
-        if self.hidden_units is None:
-            self.kernel, self.bias = self._projection("", features, width)
-            self.kernel_out = self.bias_out = None
-        else:
-            self.kernel_in, self.bias_in = self._projection(
-                "in_", features, width
-            )
-            self.kernel_out, self.bias_out = self._projection(
-                "out_", self.hidden_units, self.units
-            )
+        mode = self.quantization_mode
+        # Quantized to integers (a layer revived from a saved quantized
+        # one), the kernels are made by `quantized_build`, not here.
+        float_kernels = mode not in ("int8", "int4")
+        shapes = self._kernel_shapes(features)
+        self.kernel_out = self.bias_out = None
+        for (kernel, bias, prefix), (fan_in, fan_out) in zip(
+            self._projections(), shapes
+        ):
+            k, b = self._projection(prefix, fan_in, fan_out, float_kernels)
+            setattr(self, kernel, k)
+            setattr(self, bias, b)
         self.output_scale = None
         if self.use_output_scale:
             self.output_scale = self.add_weight(
@@ -395,6 +424,10 @@ class DenseExperts(keras.layers.Layer):
                 shape=(self.num_experts,),
                 initializer="ones",
             )
+        if mode is not None:
+            self.quantized_build(input_shape, mode, self.quantization_config)
+
+    # --- the forward pass ------------------------------------------------
 
     def _first_projection(self):
         if self.hidden_units is None:
@@ -437,9 +470,16 @@ class DenseExperts(keras.layers.Layer):
         training=None,
     ):
         custom = dispatch_lib.custom_gradients(training)
+        kernel, kernel_out = self._kernels(training, custom)
         if grouped and group_sizes is not None:
             return self._sorted_rows(
-                inputs, group_sizes, group_weights, implementation, custom
+                inputs,
+                group_sizes,
+                group_weights,
+                implementation,
+                custom,
+                kernel,
+                kernel_out,
             )
         if grouped:
             if batched is None:
@@ -450,24 +490,37 @@ class DenseExperts(keras.layers.Layer):
                 # the loop adds a slice copy per expert (a GPU profile of
                 # the loop showed them), so there it is always batched.
                 batched = self.num_experts > _UNROLL_EXPERTS or not _on_cpu()
+            if isinstance(kernel, _Float8Kernel):
+                # Float8's scales are updated by one matmul per projection.
+                batched = True
             return self._grouped(
-                inputs, group_experts, group_weights, custom, batched
+                inputs,
+                group_experts,
+                group_weights,
+                custom,
+                batched,
+                kernel,
+                kernel_out,
             )
         # Every expert on every position. Flattened to plain matmuls: an
         # einsum with an ellipsis here makes TensorFlow broadcast to
         # [tokens, experts, features, hidden] before contracting.
         shape = ops.shape(inputs)
         x = ops.reshape(inputs, (-1, shape[-1]))  # [tokens, features]
-        kernel, bias = self._first_projection()
-        width = ops.shape(kernel)[-1]
+        bias = self._first_projection()[1]
+        width = self._kernel_shapes(None)[0][1]
         # [features, experts * width]: all first projections in one matmul.
-        stacked = ops.reshape(ops.transpose(kernel, (1, 0, 2)), (shape[-1], -1))
-        h = ops.reshape(ops.matmul(x, stacked), (-1, self.num_experts, width))
+        if isinstance(kernel, (_IntKernel, _Float8Kernel)):
+            stacked = kernel.stacked()
+        else:
+            stacked = _stack_features(kernel)
+        h = _matmul(x, stacked, custom)
+        h = ops.reshape(h, (-1, self.num_experts, width))
         if bias is not None:
             h = h + bias  # [tokens, experts, width]
         h = self._activate(h, custom_gradient=custom)
         if self.hidden_units is not None:
-            h = ops.einsum("teh,ehu->teu", h, self.kernel_out)
+            h = self._every_expert_out(h, kernel_out, custom)
             if self.bias_out is not None:
                 h = h + self.bias_out
         if self.output_scale is not None:
@@ -476,9 +529,30 @@ class DenseExperts(keras.layers.Layer):
             h, tuple(shape[:-1]) + (self.num_experts, self.units)
         )
 
-    def _grouped(self, inputs, group_experts, group_weights, custom, batched):
-        kernel, bias = self._first_projection()
-        kernel_out, bias_out = self.kernel_out, self.bias_out
+    def _every_expert_out(self, h, kernel_out, custom):
+        """The down projection of every expert, `[T, E, h] -> [T, E, u]`."""
+        if isinstance(kernel_out, _IntKernel):
+            # As a batched matmul over the experts: `[E, T, h] @ [E, h, u]`.
+            h = kernel_out.matmul(ops.transpose(h, (1, 0, 2)), custom)
+            return ops.transpose(h, (1, 0, 2))
+        if isinstance(kernel_out, _Float8Kernel):
+            return kernel_out.project(
+                h, lambda a, w: ops.einsum("teh,ehu->teu", a, w)
+            )
+        return ops.einsum("teh,ehu->teu", h, kernel_out)
+
+    def _grouped(
+        self,
+        inputs,
+        group_experts,
+        group_weights,
+        custom,
+        batched,
+        kernel,
+        kernel_out,
+    ):
+        bias = self._first_projection()[1]
+        bias_out = self.bias_out
         scale = self.output_scale
         if group_weights is not None:
             group_weights = ops.cast(group_weights, self.compute_dtype)
@@ -520,14 +594,24 @@ class DenseExperts(keras.layers.Layer):
             out_scale=None if scale is None else scale[:, None, None],
         )
 
-    def _sorted_rows(self, rows, sizes, row_weights, implementation, custom):
+    def _sorted_rows(
+        self,
+        rows,
+        sizes,
+        row_weights,
+        implementation,
+        custom,
+        kernel,
+        kernel_out,
+    ):
         """Rows sorted by expert through one grouped matmul a projection:
         no padding, and no per-row copy of any expert's weights."""
-        kernel, bias = self._first_projection()
-        bias_out, scale = self.bias_out, None
-        if self.use_bias or self.use_output_scale:
-            # Rows past the groups borrow the last expert's bias and scale;
-            # the dispatch never reads their outputs.
+        bias = self._first_projection()[1]
+        bias_out, scale, expert = self.bias_out, None, None
+        integers = isinstance(kernel, _IntKernel)
+        if self.use_bias or self.use_output_scale or integers:
+            # Rows past the groups borrow the last expert's bias and
+            # scales; the dispatch never reads their outputs.
             expert = ops.minimum(
                 kernels.row_groups(sizes, ops.shape(rows)[0]),
                 self.num_experts - 1,
@@ -537,17 +621,25 @@ class DenseExperts(keras.layers.Layer):
             scale = _take(self.output_scale, expert, custom)
         if row_weights is not None:
             row_weights = ops.cast(row_weights, self.compute_dtype)
+        implementation = implementation or "reference"
+
+        def grouped(x, weight):
+            return kernels.grouped_matmul(x, weight, sizes, implementation)
 
         def matmul(x, weight):
-            return kernels.grouped_matmul(
-                x, weight, sizes, implementation or "reference"
-            )
+            if isinstance(weight, _IntKernel):
+                return weight.grouped_matmul(
+                    x, sizes, implementation, expert, custom
+                )
+            if isinstance(weight, _Float8Kernel):
+                return weight.project(x, grouped)
+            return grouped(x, weight)
 
         return self._mlp(
             rows,
             kernel,
             bias,
-            self.kernel_out,
+            kernel_out,
             bias_out,
             row_weights,
             custom,
@@ -564,14 +656,20 @@ class DenseExperts(keras.layers.Layer):
         bias_out,
         row_weights=None,
         custom_gradient=True,
-        matmul=ops.matmul,
+        matmul=None,
         out_scale=None,
     ):
         """One expert's `[tokens, features]`, or a batch of groups with
         leading axes on every argument, or rows sorted by expert with a
         grouped `matmul`. `row_weights` (`[..., tokens]`) scales each
         row's output, and so does `out_scale` (the expert's output scale,
-        broadcast to the output)."""
+        broadcast to the output). The kernels are float tensors or
+        quantized kernels (`_IntKernel`, `_Float8Kernel`)."""
+        if matmul is None:
+
+            def matmul(x, kernel):
+                return _matmul(x, kernel, custom_gradient)
+
         h = matmul(x, kernel)
         if bias is not None:
             h = h + bias
@@ -621,127 +719,8 @@ class DenseExperts(keras.layers.Layer):
         config.update(
             _config.weight_options(self, _config.EXPERT_WEIGHT_OPTIONS)
         )
-        return config
-
-
-@keras.saving.register_keras_serializable(package="moe_keras")
-class ExpertList(keras.layers.Layer):
-    """Any Keras layers as experts, possibly of different sizes.
-
-    Each expert maps `(tokens, features)` to `(tokens, units)` with the same
-    `units` for all; inside, they can be anything (an MLP of another width,
-    a residual block...). They run one after another, each on its own
-    static-shape group of tokens, so dense and capacity-based dispatch both
-    work; dropless sparse dispatch needs stacked weights and does not.
-    `MoE(experts=[...])` makes one.
-
-    Args:
-        experts: non-empty list (or tuple) of Keras layers, or of their
-            serialized configs. A `ValueError` if empty, a `TypeError` if
-            one is not a layer.
-        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
-
-    Call arguments:
-        inputs: float tensor, see the input shapes below.
-        grouped: bool. `False` (default): every expert on every position.
-            `True`: one group of tokens per expert.
-        group_experts: must be `None`: blocks of one expert's tokens (the
-            dropless dispatch) need stacked weights, and are a `ValueError`.
-
-    Input shape:
-        `(..., features)`; with `grouped=True`, `(num_experts, tokens,
-        features)`.
-
-    Output shape:
-        `(..., num_experts, units)`; with `grouped=True`, `(num_experts,
-        tokens, units)`.
-
-    Example:
-
-    >>> experts = ExpertList([keras.layers.Dense(2), keras.layers.Dense(2)])
-    >>> tuple(experts(np.zeros((5, 3), "float32")).shape)
-    (5, 2, 2)
-
-    As the experts of an `MoE` layer (here a dense mixture), one of them
-    a small MLP:
-
-    >>> mlp = keras.Sequential([keras.layers.Dense(4, "relu"),
-    ...                         keras.layers.Dense(2)])
-    >>> layer = MoE(experts=[keras.layers.Dense(2), mlp])
-    >>> tuple(layer(np.zeros((6, 5), "float32")).shape)
-    (6, 2)
-    """
-
-    def __init__(self, experts, **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(experts, (list, tuple)) or not experts:
-            raise ValueError(
-                "`experts` must be a non-empty list of Keras layers; "
-                f"received experts={experts!r}."
+        if self.quantization_config is not None:
+            config["quantization_config"] = keras.saving.serialize_keras_object(
+                self.quantization_config
             )
-        experts = [
-            keras.saving.deserialize_keras_object(e)
-            if isinstance(e, dict)
-            else e
-            for e in experts
-        ]
-        for i, expert in enumerate(experts):
-            if not isinstance(expert, keras.layers.Layer):
-                raise TypeError(
-                    f"`experts[{i}]` must be a Keras layer; received "
-                    f"{expert!r} (of type {type(expert).__name__})."
-                )
-        self.expert_layers = list(experts)
-        self.num_experts = len(experts)
-        self.units = None
-
-    def build(self, input_shape):
-        features = _validation.feature_dim(input_shape, self.name)
-        self.input_spec = _validation.features_spec(features)
-        widths = []
-        for expert in self.expert_layers:
-            if not expert.built:
-                expert.build((None, features))
-            spec = expert.compute_output_spec(
-                keras.KerasTensor((None, features))
-            )
-            widths.append(spec.shape[-1])
-        if len(set(widths)) != 1 or widths[0] is None:
-            raise ValueError(
-                "Every expert must map (tokens, features) to (tokens, units) "
-                f"with the same units; received output widths {widths}."
-            )
-        self.units = int(widths[0])
-
-    def call(self, inputs, grouped=False, group_experts=None):
-        if group_experts is not None:
-            raise ValueError(
-                "Dropless dispatch needs stacked expert weights; with a list "
-                "of expert layers use a capacity_factor or dispatch='dense'."
-            )
-        if grouped:
-            # [experts, tokens, features] -> [experts, tokens, units]
-            return ops.stack(
-                [
-                    expert(inputs[i])
-                    for i, expert in enumerate(self.expert_layers)
-                ]
-            )
-        shape = ops.shape(inputs)
-        x = ops.reshape(inputs, (-1, shape[-1]))
-        out = ops.stack([expert(x) for expert in self.expert_layers], axis=1)
-        return ops.reshape(
-            out, tuple(shape[:-1]) + (self.num_experts, self.units)
-        )
-
-    def compute_output_spec(self, inputs, grouped=False, group_experts=None):
-        shape = tuple(inputs.shape[:-1])
-        shape += (self.units,) if grouped else (self.num_experts, self.units)
-        return keras.KerasTensor(shape, dtype=self.compute_dtype)
-
-    def get_config(self):
-        config = super().get_config()
-        config["experts"] = [
-            keras.saving.serialize_keras_object(e) for e in self.expert_layers
-        ]
         return config

@@ -62,6 +62,9 @@ class MoE(keras.layers.Layer):
     ST-MoE router z-loss (`moe_keras.losses`) with `add_loss`, plus any
     loss of its gate (e.g. `NoisyTopKGate`'s). The router computes in
     float32 under mixed precision; the experts follow the layer's policy.
+    `model.quantize("int8" | "int4" | "float8")` quantizes the stacked
+    experts (routed and shared, see `DenseExperts`); the router stays
+    float32, and a saved quantized layer loads back quantized.
 
     The layer keeps a record of its routing (`layer.statistics`, a
     `RoutingStatistics`: dropped fraction, load imbalance, router entropy,
@@ -969,4 +972,44 @@ class MoE(keras.layers.Layer):
         )
         if isinstance(self.experts, ExpertList):
             config["experts"] = self.experts.get_config()["experts"]
+        # The stacked experts are made by `__init__` with the layer's dtype
+        # policy; a quantized bank records its own (and its config), so
+        # that it is rebuilt quantized before its weights load.
+        for name in ("experts", "shared_experts"):
+            sublayer = getattr(self, name)
+            if (
+                isinstance(sublayer, DenseExperts)
+                and sublayer.quantization_mode is not None
+            ):
+                policy = sublayer.dtype_policy
+                if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+                    policy = policy[sublayer.path]
+                config[f"{name}_quantization"] = {
+                    "dtype": keras.dtype_policies.serialize(policy),
+                    "config": keras.saving.serialize_keras_object(
+                        sublayer.quantization_config
+                    ),
+                }
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        quantized = {
+            name: config.pop(f"{name}_quantization", None)
+            for name in ("experts", "shared_experts")
+        }
+        layer = super().from_config(config)
+        for name, quantization in quantized.items():
+            sublayer = getattr(layer, name)
+            if quantization is None or sublayer is None:
+                continue
+            # Unbuilt, the layer only takes the policy: its `build` then
+            # makes the quantized variables.
+            sublayer.quantization_config = (
+                keras.saving.deserialize_keras_object(quantization["config"])
+            )
+            sublayer.dtype_policy = keras.dtype_policies.deserialize(
+                quantization["dtype"]
+            )
+        return layer
