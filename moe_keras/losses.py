@@ -116,6 +116,83 @@ def load_balance_loss(
     return float(num_experts) * share * ops.sum(fraction * mean_prob)
 
 
+def sequence_balance_loss(
+    router_probs, expert_indices, num_experts, sequence_length, mask=None
+):
+    """DeepSeek-V3's complementary sequence-wise balance loss.
+
+    For each sequence, `sum_i f_i * P_i` with `f_i = E / (k * T) * count_i`,
+    `count_i` how many of the sequence's T (unmasked) tokens chose expert
+    `i` among their k, and `P_i` the mean over those tokens of the router's
+    distribution over experts; then the mean over the sequences. It is 1
+    for a sequence whose load and probabilities are uniform and grows as
+    one sequence's tokens crowd onto few experts, which a batch-wide loss
+    does not see when other sequences balance them. Only `P` carries
+    gradient, `f` is a count. A sequence with no unmasked token adds 0 and
+    is left out of the mean. DeepSeek-AI, "DeepSeek-V3 Technical Report"
+    (2024), eq. 17-20.
+
+    Args:
+        router_probs: `[tokens, experts]` float scores that sum to 1 over
+            the experts (sigmoid scores divided by their sum), with
+            `tokens = sequences * sequence_length`, one sequence after
+            another.
+        expert_indices: `[tokens, k]` int, the experts each token chose.
+        num_experts: int, E.
+        sequence_length: int (or scalar tensor), the positions of each
+            sequence.
+        mask: optional `[tokens]`; masked tokens count in neither term, nor
+            in T. Defaults to `None`.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    >>> probs = np.array([[0.5, 0.5]] * 2 + [[0.9, 0.1]] * 2, "float32")
+    >>> indices = np.array([[0], [1], [0], [0]])  # 2 sequences of 2 tokens
+    >>> loss = moe_keras.losses.sequence_balance_loss(probs, indices, 2, 2)
+    >>> round(float(loss), 3)  # the mean of 1.0 (balanced) and 1.8
+    1.4
+    >>> mask = np.array([1, 1, 0, 0])  # the second sequence is padding
+    >>> loss = moe_keras.losses.sequence_balance_loss(
+    ...     probs, indices, 2, 2, mask=mask
+    ... )
+    >>> round(float(loss), 3)
+    1.0
+    """
+    if isinstance(sequence_length, int) and sequence_length == 0:
+        return ops.convert_to_tensor(0.0, "float32")  # no tokens at all
+    router_probs = ops.cast(router_probs, "float32")
+    expert_indices = ops.convert_to_tensor(expert_indices)
+    top_k = expert_indices.shape[-1]
+    choices = ops.sum(
+        ops.one_hot(expert_indices, num_experts, dtype="float32"), axis=1
+    )  # [tokens, E]: how many of a token's k choices went to each expert
+    present = ops.ones_like(router_probs[:, 0])
+    if mask is not None:
+        valid = ops.cast(mask, "bool")
+        present = ops.cast(valid, "float32")
+        # A select, not a product: a masked token's scores may be NaN.
+        router_probs = ops.where(valid[:, None], router_probs, 0.0)
+        choices = choices * present[:, None]
+
+    def per_sequence(values):  # [tokens, ...] -> [sequences, ...]
+        return ops.reshape(
+            values, (-1, sequence_length) + tuple(values.shape[1:])
+        )
+
+    tokens = ops.sum(per_sequence(present), axis=1)  # [sequences]
+    count = ops.maximum(tokens, 1.0)[:, None]
+    fraction = ops.sum(per_sequence(choices), axis=1) / count  # [S, E]
+    fraction = ops.stop_gradient(fraction * (num_experts / top_k))
+    mean_prob = ops.sum(per_sequence(router_probs), axis=1) / count
+    # 0 for a sequence with no token (its counts are all 0).
+    losses = ops.sum(fraction * mean_prob, axis=-1)  # [sequences]
+    sequences = ops.sum(ops.cast(tokens > 0, "float32"))
+    return ops.sum(losses) / ops.maximum(sequences, 1.0)
+
+
 def router_z_loss(router_logits, mask=None):
     """ST-MoE router z-loss.
 

@@ -60,7 +60,8 @@ class MoE(keras.layers.Layer):
 
     While training, the layer adds the Switch load-balancing loss and the
     ST-MoE router z-loss (`moe_keras.losses`) with `add_loss`, plus any
-    loss of its gate (e.g. `NoisyTopKGate`'s). The router computes in
+    loss of its gate (e.g. `NoisyTopKGate`'s) and, when asked for,
+    DeepSeek-V3's sequence-wise balance loss. The router computes in
     float32 under mixed precision; the experts follow the layer's policy.
     `model.quantize("int8" | "int4" | "float8")` quantizes the stacked
     experts (routed and shared, see `DenseExperts`); the router stays
@@ -155,6 +156,15 @@ class MoE(keras.layers.Layer):
             whole batch, and this changes nothing.
         z_loss_weight: float >= 0, weight of the router z-loss.
             Defaults to 0.001.
+        sequence_balance_weight: float >= 0, weight of DeepSeek-V3's
+            complementary sequence-wise balance loss
+            (`moe_keras.losses.sequence_balance_loss`): the balance of
+            each sequence's own top-k choices, read from the gate's
+            distribution over experts, averaged over the sequences. A
+            sequence is the positions of one sample: the inputs need a
+            sequence axis, `(batch, seq, ..., features)`. It needs `top_k`
+            and a learned token-choice gate (a `ValueError` otherwise).
+            Defaults to 0 (off).
         routing_statistics: bool, keep `layer.statistics`. Defaults to
             `True`; `False` makes no variables and costs nothing.
         log_expert_load: bool, with `RoutingMetrics`, also log each
@@ -245,6 +255,7 @@ class MoE(keras.layers.Layer):
         load_balance_weight=0.01,
         global_load_balance=False,
         z_loss_weight=0.001,
+        sequence_balance_weight=0.0,
         routing_statistics=True,
         log_expert_load=False,
         kernel_initializer="glorot_uniform",
@@ -360,6 +371,9 @@ class MoE(keras.layers.Layer):
         self.z_loss_weight = _validation.non_negative_float(
             z_loss_weight, "z_loss_weight"
         )
+        self.sequence_balance_weight = _validation.non_negative_float(
+            sequence_balance_weight, "sequence_balance_weight"
+        )
         self.gate = gates_lib.get(gate, self.num_experts, self.units)
         self.combine = combine
         self._check_routing()
@@ -420,6 +434,37 @@ class MoE(keras.layers.Layer):
                 f"dispatch 'auto' or 'sparse'). Received token_groups="
                 f"{self.token_groups}."
             )
+        if self.gate.expert_groups is not None:
+            self.gate.check_groups(self.num_experts, self.top_k)
+            if self.top_k is None:
+                raise ValueError(
+                    "The gate's `expert_groups` limits each position's "
+                    "top-k choice to some groups of experts, so it needs "
+                    "`top_k`; received top_k=None."
+                )
+        if self.sequence_balance_weight > 0:
+            if self.gate.expert_choice:
+                raise ValueError(
+                    "`sequence_balance_weight` balances each sequence's "
+                    "top-k choices of experts, which an ExpertChoiceGate "
+                    "does not make (its experts choose tokens, balanced by "
+                    "construction); received sequence_balance_weight="
+                    f"{self.sequence_balance_weight}."
+                )
+            if self.top_k is None:
+                raise ValueError(
+                    "`sequence_balance_weight` balances each sequence's "
+                    "top-k choices of experts, so it needs `top_k`; "
+                    "received top_k=None and sequence_balance_weight="
+                    f"{self.sequence_balance_weight}."
+                )
+            if not self.gate.learned:
+                raise ValueError(
+                    "`sequence_balance_weight` trains a learned router; "
+                    f"{type(self.gate).__name__} assigns experts without "
+                    "one. Received sequence_balance_weight="
+                    f"{self.sequence_balance_weight}."
+                )
         if (
             isinstance(self.gate, gates_lib.UniformGate)
             and self.top_k is not None
@@ -479,6 +524,7 @@ class MoE(keras.layers.Layer):
 
     def build(self, input_shape):
         features = _validation.feature_dim(input_shape, self.name)
+        self._check_sequence_axis(input_shape)
         self.input_spec = _validation.features_spec(features)
         self._check_layout()
         # Sublayers revived from a saved config arrive already built.
@@ -509,6 +555,16 @@ class MoE(keras.layers.Layer):
         if self.routing_statistics:
             self.statistics = statistics_lib.RoutingStatistics(
                 self, self.num_experts
+            )
+
+    def _check_sequence_axis(self, input_shape):
+        if self.sequence_balance_weight > 0 and len(input_shape) < 3:
+            raise ValueError(
+                f"Layer '{self.name}' has sequence_balance_weight="
+                f"{self.sequence_balance_weight}, which balances the experts "
+                "over each sequence: its inputs need a sequence axis, "
+                "`(batch, seq, ..., features)`; received input_shape="
+                f"{tuple(input_shape)}."
             )
 
     # Routing statistics are a running record, like metrics, and are not
@@ -570,7 +626,14 @@ class MoE(keras.layers.Layer):
             # A select, not a product with the mask: padding outputs 0
             # even where its input is not finite.
             y = dispatch_lib.zero_unless(valid, y)
-        auxiliary = self._add_losses(routing, valid, training)
+        sequence_length = None
+        if self.sequence_balance_weight > 0 and training:
+            self._check_sequence_axis(inputs.shape)
+            # A sequence is the positions of one sample.
+            sequence_length = 1
+            for size in shape[1:-1]:
+                sequence_length = sequence_length * size
+        auxiliary = self._add_losses(routing, valid, training, sequence_length)
         if self.statistics is not None:
             if load is None:
                 load = self._token_load(routing, valid)
@@ -887,9 +950,11 @@ class MoE(keras.layers.Layer):
 
     # --- auxiliary losses ------------------------------------------------------
 
-    def _add_losses(self, routing, valid, training):
+    def _add_losses(self, routing, valid, training, sequence_length=None):
         """Adds the auxiliary losses while training; returns them by name
-        (with their weights) for the routing statistics."""
+        (with their weights) for the routing statistics (which keep those
+        they know, and every one in `aux_loss`). `sequence_length`: the
+        positions of each sample, for the sequence-wise balance loss."""
         if not training:
             return {}
         probs, logits = routing["probs"], routing["logits"]
@@ -917,6 +982,17 @@ class MoE(keras.layers.Layer):
             if self.z_loss_weight > 0:
                 added["z_loss"] = self.z_loss_weight * losses.router_z_loss(
                     logits, mask=valid
+                )
+            if self.sequence_balance_weight > 0:
+                added["sequence_balance_loss"] = (
+                    self.sequence_balance_weight
+                    * losses.sequence_balance_loss(
+                        self.gate.balance_distribution(probs),
+                        routing["indices"],
+                        self.num_experts,
+                        sequence_length,
+                        mask=valid,
+                    )
                 )
         total = 0.0
         for value in list(added.values()) + list(routing["losses"].values()):
@@ -962,6 +1038,7 @@ class MoE(keras.layers.Layer):
                 "load_balance_weight": self.load_balance_weight,
                 "global_load_balance": self.global_load_balance,
                 "z_loss_weight": self.z_loss_weight,
+                "sequence_balance_weight": self.sequence_balance_weight,
                 "routing_statistics": self.routing_statistics,
                 "log_expert_load": self.log_expert_load,
                 "combine": self.combine,

@@ -123,3 +123,51 @@ def moe_forward(layer, x, capacity=None, valid=None, router_x=None):
         weights = weights * valid[:, None]
     outs = experts_forward(layer.experts, x)
     return np.einsum("te,teu->tu", weights, outs)
+
+
+def group_limited_top_k(scores, probs, k, groups, top_groups):
+    """DeepSeek-V3 group-limited top-k, one position at a time.
+
+    The E experts form `groups` groups of consecutive experts; a group
+    scores the sum of its two highest `scores` (a group of one, its one
+    score); the `top_groups` best groups (lower index first among ties)
+    are eligible, and the k best eligible experts by `scores` (lower index
+    first among ties) are chosen. Returns `(group_scores [T, G], eligible
+    [T, E] bool, order [T, k], chosen probs [T, k])`."""
+    tokens, num_experts = scores.shape
+    size = num_experts // groups
+    group_scores = np.zeros((tokens, groups), scores.dtype)
+    eligible = np.zeros((tokens, num_experts), bool)
+    order = np.zeros((tokens, k), "int64")
+    for t in range(tokens):
+        for g in range(groups):
+            members = sorted(scores[t, g * size : (g + 1) * size])[::-1]
+            group_scores[t, g] = sum(members[:2], scores.dtype.type(0))
+        best = sorted(range(groups), key=lambda g: (-group_scores[t, g], g))
+        for g in best[:top_groups]:
+            eligible[t, g * size : (g + 1) * size] = True
+        candidates = [e for e in range(num_experts) if eligible[t, e]]
+        order[t] = sorted(candidates, key=lambda e: (-scores[t, e], e))[:k]
+    rows = np.arange(tokens)[:, None]
+    return group_scores, eligible, order, probs[rows, order]
+
+
+def sequence_balance_loss(distribution, order, num_experts, length, valid):
+    """DeepSeek-V3's sequence-wise balance loss, one sequence at a time:
+    `sum_i f_i P_i`, `f_i = E / (k T) * count_i` over the T unmasked
+    tokens of the sequence, `P_i` their mean `distribution`; the mean over
+    sequences with a token (0 if none has one)."""
+    k = order.shape[1]
+    per_sequence = []
+    for start in range(0, len(order), length):
+        rows = [t for t in range(start, start + length) if valid[t]]
+        if not rows:
+            continue
+        count = np.zeros(num_experts)
+        for t in rows:
+            for e in order[t]:
+                count[e] += 1
+        f = num_experts / (k * len(rows)) * count
+        p = distribution[rows].mean(0)
+        per_sequence.append((f * p).sum())
+    return float(np.mean(per_sequence)) if per_sequence else 0.0

@@ -51,6 +51,18 @@ OPTIONS = {
     "uniform": lambda: dict(gate=moe_keras.UniformGate()),
     "static": lambda: dict(gate=moe_keras.StaticGate(), top_k=1),
     "per_feature": lambda: dict(gate=moe_keras.FeatureGate(), top_k=2),
+    "deepseek_v3": lambda: dict(
+        num_experts=4,
+        gate=moe_keras.SigmoidGate(
+            expert_groups=2,
+            top_groups=1,
+            routed_scaling_factor=2.5,
+            normalize_top_k=True,
+            bias_update_rate=0.01,
+        ),
+        top_k=2,
+        sequence_balance_weight=0.01,
+    ),
     "shared_experts": lambda: dict(
         top_k=2, num_shared_experts=1, shared_hidden_units=3
     ),

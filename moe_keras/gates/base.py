@@ -130,6 +130,28 @@ class Gate(keras.layers.Layer):
             never; `PerformanceGate`: always); `True` always (a softmax
             over the k selected logits, Shazeer et al. 2017; at k = 1 every
             weight is then 1); `False` never.
+        expert_groups: int or None. DeepSeek-V3's group-limited routing
+            (`n_group` in transformers): the experts split into this many
+            equal groups of consecutive experts, each scored per position
+            by the sum of its two highest selection scores (the scores
+            top-k ranks by, `selection_bias` included; a group of one
+            expert by that one), and the top-k is taken among the experts
+            of the `top_groups` best groups only (ties to the lower group
+            index). Given together with `top_groups`. It must divide
+            `num_experts`, and `top_k` must not exceed
+            `top_groups * num_experts / expert_groups` (a `ValueError` at
+            build, or at the first routed call). Defaults to `None` (no
+            groups).
+        top_groups: int or None, how many groups each position may route
+            to (`topk_group` in transformers), in `[1, expert_groups]`.
+            Defaults to `None`.
+        routed_scaling_factor: finite float > 0, a constant the combine
+            weights are multiplied by, after any top-k renormalisation (the
+            dense mixture's weights too); the probabilities the balancing
+            losses read are left as they are (DeepSeek-V3). Defaults to
+            1.0. Gates that do not score their inputs, and expert choice,
+            take none of `expert_groups`, `top_groups` and
+            `routed_scaling_factor` (a `ValueError`).
         **kwargs: base layer keyword arguments, such as `name`. The dtype
             policy defaults to `"float32"`.
 
@@ -201,6 +223,9 @@ class Gate(keras.layers.Layer):
         input_norm_epsilon=1e-6,
         input_multiplier=1.0,
         use_input_scale=False,
+        expert_groups=None,
+        top_groups=None,
+        routed_scaling_factor=1.0,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -232,6 +257,37 @@ class Gate(keras.layers.Layer):
             input_multiplier, "input_multiplier"
         )
         self.use_input_scale = bool(use_input_scale)
+        self.expert_groups = _validation.positive_int(
+            expert_groups, "expert_groups", allow_none=True
+        )
+        self.top_groups = _validation.positive_int(
+            top_groups, "top_groups", allow_none=True
+        )
+        if (self.expert_groups is None) != (self.top_groups is None):
+            raise ValueError(
+                "`expert_groups` and `top_groups` go together (how many "
+                "groups the experts split into, and how many of them each "
+                "position may use): give both or neither; received "
+                f"expert_groups={expert_groups}, top_groups={top_groups}."
+            )
+        if self.expert_groups is not None and (
+            self.top_groups > self.expert_groups
+        ):
+            raise ValueError(
+                f"`top_groups` must be at most `expert_groups`; received "
+                f"top_groups={top_groups}, expert_groups={expert_groups}."
+            )
+        self.routed_scaling_factor = _validation.positive_float(
+            routed_scaling_factor, "routed_scaling_factor"
+        )
+        # The group limit and the scaling act on a selection by learned
+        # scores of the inputs: gates that assign by rule (or score no
+        # input) or whose experts choose tokens would silently ignore them.
+        selection_options = (
+            ("expert_groups", self.expert_groups, None),
+            ("top_groups", self.top_groups, None),
+            ("routed_scaling_factor", self.routed_scaling_factor, 1.0),
+        )
         if not self.scores_inputs:
             for option, value, unset in (
                 ("hidden_units", self.hidden_units, None),
@@ -240,13 +296,23 @@ class Gate(keras.layers.Layer):
                 ("input_norm", self.input_norm, None),
                 ("input_multiplier", self.input_multiplier, 1.0),
                 ("use_input_scale", self.use_input_scale, False),
-            ):
+            ) + selection_options:
                 if value != unset:
                     raise ValueError(
                         f"`{option}` acts on a router of the inputs, but "
                         f"{type(self).__name__} does not score its inputs; "
                         f"received {option}={value!r}."
                     )
+        if self.expert_choice:
+            for option, value, unset in selection_options:
+                if value != unset:
+                    raise ValueError(
+                        f"`{option}` acts on each position's top-k choice "
+                        f"of experts, which {type(self).__name__} does not "
+                        "make (its experts choose their tokens); received "
+                        f"{option}={value!r}."
+                    )
+        self.check_groups(self.num_experts)
         self.hidden_activation = keras.activations.get(hidden_activation)
         self.normalize_top_k = optional_bool(normalize_top_k, "normalize_top_k")
         # Only gates that draw random numbers carry a seed state.
@@ -263,6 +329,7 @@ class Gate(keras.layers.Layer):
                 f"Gate '{self.name}' needs `num_experts` before it is built: "
                 "pass it to the gate or use the gate inside an `MoE` layer."
             )
+        self.check_groups(self.num_experts)
         features = _validation.feature_dim(input_shape, self.name)
         self.input_spec = _validation.features_spec(features)
         self.input_scale = None
@@ -366,18 +433,94 @@ class Gate(keras.layers.Layer):
         # router off from the task's gradient (Switch keeps p at k=1).
         return self.default_normalize_top_k and top_k > 1
 
+    def check_groups(self, num_experts=None, top_k=None):
+        """Raises a `ValueError` where group-limited routing cannot apply:
+        `num_experts` not a multiple of `expert_groups`, or `top_k` more
+        than the experts of `top_groups` groups. `None` is not checked."""
+        if self.expert_groups is None or num_experts is None:
+            return
+        groups = self.expert_groups
+        if num_experts % groups:
+            raise ValueError(
+                f"`expert_groups={groups}` must divide the number of experts "
+                f"into equal groups; received num_experts={num_experts}, "
+                f"expert_groups={groups} (gate '{self.name}')."
+            )
+        if top_k is None:
+            return
+        eligible = self.top_groups * (num_experts // groups)
+        if top_k > eligible:
+            raise ValueError(
+                f"`top_k={top_k}` is more than the experts a position may "
+                f"use under `top_groups={self.top_groups}` of "
+                f"`expert_groups={groups}`: top_groups * num_experts / "
+                f"expert_groups = {self.top_groups} * {num_experts} / "
+                f"{groups} = {eligible} (gate '{self.name}'). Lower `top_k` "
+                "or raise `top_groups`."
+            )
+
+    def group_scores(self, scores):
+        """`[T, expert_groups]`: each group's score, the sum of its two
+        highest `scores` `[T, E]` (a group of one expert: that one)."""
+        size = self.num_experts // self.expert_groups
+        grouped = ops.reshape(scores, (-1, self.expert_groups, size))
+        best = ops.max(grouped, axis=-1)  # [T, G]
+        if size == 1:
+            return best
+        # The runner-up: the maximum once the first argmax is out (a tie
+        # for first counts twice, as `top_k` would count it).
+        first = ops.cast(ops.argmax(grouped, axis=-1), "int32")
+        columns = ops.arange(size, dtype="int32")
+        rest = ops.where(
+            columns[None, None, :] == first[..., None],
+            ops.cast(float("-inf"), scores.dtype),
+            grouped,
+        )
+        return best + ops.max(rest, axis=-1)
+
+    def limit_to_groups(self, scores):
+        """`scores` `[T, E]` with every expert outside each position's
+        `top_groups` best groups (by `group_scores`, the lower group index
+        first among ties) set to `-inf`: DeepSeek-V3's group-limited
+        routing."""
+        groups = self.expert_groups
+        if self.top_groups == groups:
+            return scores  # every group is eligible
+        # One row more than the batch: reductions over an empty batch fail
+        # on some backends (torch's max), and the row is cut off after.
+        tokens = ops.shape(scores)[0]
+        padded = ops.concatenate(
+            [scores, ops.zeros((1, self.num_experts), scores.dtype)], axis=0
+        )
+        chosen = top_k_indices(self.group_scores(padded), self.top_groups)
+        # [T, M] -> [T, G] -> [T, E]: 1 for the experts of a chosen group.
+        eligible = ops.max(ops.one_hot(chosen, groups), axis=1)[:tokens]
+        eligible = ops.repeat(eligible, self.num_experts // groups, axis=-1)
+        return ops.where(
+            eligible > 0.5, scores, ops.cast(float("-inf"), scores.dtype)
+        )
+
+    def scale(self, weights):
+        """The combine weights times `routed_scaling_factor`."""
+        if self.routed_scaling_factor == 1.0:
+            return weights
+        return weights * self.routed_scaling_factor
+
     def select(self, probs, top_k):
         """The `top_k` experts of each position and their combine weights,
         `(weights, indices)`, both `[T, top_k]`."""
         scores = probs
         if self.selection_bias is not None:
             scores = probs + self.selection_bias
+        if self.expert_groups is not None:
+            self.check_groups(self.num_experts, top_k)
+            scores = self.limit_to_groups(scores)
         indices = top_k_indices(scores, top_k)
         weights = ops.take_along_axis(probs, indices, axis=-1)
         if self.normalizes(top_k):
             total = ops.sum(weights, axis=-1, keepdims=True)
             weights = weights / ops.maximum(total, 1e-30)
-        return weights, indices
+        return self.scale(weights), indices
 
     # --- routing ---------------------------------------------------------
 
@@ -388,7 +531,14 @@ class Gate(keras.layers.Layer):
         probs = self.probabilities(logits)
         routing = {"logits": logits, "probs": probs, "losses": {}}
         if top_k is None:
-            routing["weights"] = probs
+            if self.expert_groups is not None:
+                raise ValueError(
+                    f"Gate '{self.name}' has `expert_groups`, which limits "
+                    "each position's top-k choice to some groups of "
+                    "experts: route with `top_k`; received top_k=None (the "
+                    "dense mixture chooses no experts)."
+                )
+            routing["weights"] = self.scale(probs)
         else:
             routing["weights"], routing["indices"] = self.select(probs, top_k)
             if training and self.selection_bias is not None:
@@ -460,6 +610,9 @@ class Gate(keras.layers.Layer):
                 "input_norm_epsilon": self.input_norm_epsilon,
                 "input_multiplier": self.input_multiplier,
                 "use_input_scale": self.use_input_scale,
+                "expert_groups": self.expert_groups,
+                "top_groups": self.top_groups,
+                "routed_scaling_factor": self.routed_scaling_factor,
             }
         )
         config.update(

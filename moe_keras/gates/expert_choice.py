@@ -30,7 +30,9 @@ class ExpertChoiceGate(SoftmaxGate):
             `use_input_scale`), and base layer keyword arguments such as
             `name`. (`normalize_top_k`,
             `bias_update_rate` and `dropout` act on a token's selection of
-            experts, which this gate does not make.)
+            experts, which this gate does not make; so do `expert_groups`,
+            `top_groups` and `routed_scaling_factor`, which must keep
+            their defaults, a `ValueError` otherwise.)
 
     Input shape:
         `(..., features)`.

@@ -31,8 +31,10 @@ class SoftmaxGate(Gate):
             `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
             `seed`, `hidden_units`, `hidden_activation`, the router input
             transform (`input_norm`, `input_norm_epsilon`,
-            `input_multiplier`, `use_input_scale`), and base layer keyword
-            arguments such as `name`.
+            `input_multiplier`, `use_input_scale`), DeepSeek-V3's
+            group-limited routing (`expert_groups`, `top_groups`) and
+            `routed_scaling_factor`, and base layer keyword arguments such
+            as `name`.
 
     Input shape:
         `(..., features)`.
@@ -74,8 +76,10 @@ class SigmoidGate(Gate):
     sigmoid scores are used as they are (not renormalised, unless
     `normalize_top_k=True`, as DeepSeek-V3 does). With
     `bias_update_rate > 0` this is DeepSeek-V3's auxiliary-loss-free
-    router. The load-balancing loss reads the scores normalised to sum to
-    1. This is the gate of `MoE(gate="sigmoid")`.
+    router, and with `expert_groups`, `top_groups`, `normalize_top_k=True`
+    and `routed_scaling_factor` too, its whole router. The load-balancing
+    loss reads the scores normalised to sum to 1. This is the gate of
+    `MoE(gate="sigmoid")`.
 
     Args:
         num_experts: int or None, the number of experts. Defaults to
@@ -88,8 +92,10 @@ class SigmoidGate(Gate):
             `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
             `seed`, `hidden_units`, `hidden_activation`, the router input
             transform (`input_norm`, `input_norm_epsilon`,
-            `input_multiplier`, `use_input_scale`), and base layer keyword
-            arguments such as `name`. `use_bias=True` adds a
+            `input_multiplier`, `use_input_scale`), DeepSeek-V3's
+            group-limited routing (`expert_groups`, `top_groups`) and
+            `routed_scaling_factor`, and base layer keyword arguments such
+            as `name`. `use_bias=True` adds a
             learned bias to every expert's logit.
 
     Input shape:
@@ -143,8 +149,10 @@ class ActivationGate(Gate):
             `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
             `seed`, `hidden_units`, `hidden_activation`, the router input
             transform (`input_norm`, `input_norm_epsilon`,
-            `input_multiplier`, `use_input_scale`), and base layer keyword
-            arguments such as `name`. `normalize_top_k=True`
+            `input_multiplier`, `use_input_scale`), DeepSeek-V3's
+            group-limited routing (`expert_groups`, `top_groups`) and
+            `routed_scaling_factor`, and base layer keyword arguments such
+            as `name`. `normalize_top_k=True`
             renormalises the k selected weights (the default keeps them).
 
     Input shape:
@@ -241,8 +249,10 @@ class NoisyTopKGate(SoftmaxGate):
             `bias_regularizer`, `jitter`, `dropout`, `bias_update_rate`,
             `seed`, `hidden_units`, `hidden_activation`, the router input
             transform (`input_norm`, `input_norm_epsilon`,
-            `input_multiplier`, `use_input_scale`), and base layer keyword
-            arguments such as `name`. `normalize_top_k` as in
+            `input_multiplier`, `use_input_scale`), DeepSeek-V3's
+            group-limited routing (`expert_groups`, `top_groups`) and
+            `routed_scaling_factor`, and base layer keyword arguments such
+            as `name`. `normalize_top_k` as in
             `SoftmaxGate`.
 
     Input shape:

@@ -27,9 +27,10 @@ class StaticGate(SoftmaxGate):
         **kwargs: `dropout`, `bias_update_rate`, `seed` and
             `normalize_top_k` as in `Gate` and `SoftmaxGate`, and base layer
             keyword arguments such as `name`. There is no input to score:
-            `use_bias`, `jitter`, `hidden_units` and the router input
+            `use_bias`, `jitter`, `hidden_units`, the router input
             transform (`input_norm`, `input_norm_epsilon`,
-            `input_multiplier`, `use_input_scale`) must keep their
+            `input_multiplier`, `use_input_scale`), `expert_groups`,
+            `top_groups` and `routed_scaling_factor` must keep their
             defaults (a `ValueError` otherwise), and `kernel_initializer`,
             `bias_initializer`, `bias_regularizer` and `hidden_activation`
             have no effect.

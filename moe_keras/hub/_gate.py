@@ -1,7 +1,6 @@
 """The router of converted keras-hub blocks: softmax, top-k, renormalised."""
 
 import keras
-from keras import ops
 
 from moe_keras import gates as gates_lib
 
@@ -31,15 +30,8 @@ class TopKSoftmaxGate(gates_lib.SoftmaxGate):
         super().__init__(**kwargs)
         self.normalize = bool(normalize)
 
-    def select(self, probs, top_k):
-        scores = probs
-        if self.selection_bias is not None:
-            scores = probs + self.selection_bias
-        indices = gates_lib.top_k_indices(scores, top_k)  # [T, k]
-        weights = ops.take_along_axis(probs, indices, axis=-1)  # [T, k]
-        if self.normalize:
-            weights = weights / ops.sum(weights, axis=-1, keepdims=True)
-        return weights, indices
+    def normalizes(self, top_k):
+        return self.normalize
 
     def get_config(self):
         config = super().get_config()
