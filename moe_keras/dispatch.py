@@ -130,6 +130,13 @@ class RoutePlan:
     `method` (`plan_method` picks it from E) is how the assignments are
     ranked within their experts; both give the same plan.
 
+    `priority` (optional `[tokens, k]` float, the router weights) changes
+    who keeps a slot when an expert overflows: without it all first
+    choices rank before any second choice, then token order (Switch/GShard);
+    with it the assignments rank by priority, highest first, first and
+    second choices pooled, ties in that same order (DeepSpeed's
+    `drop_policy='probs'`, V-MoE's priority routing). It takes no gradient.
+
     `custom_gradient` (see `custom_gradients`) picks whether the
     dispatch functions below use their hand-written gradients.
 
@@ -160,6 +167,7 @@ class RoutePlan:
         custom_gradient=True,
         method=None,
         sorted_rows=False,
+        priority=None,
     ):
         num_tokens, top_k = ops.shape(indices)[0], ops.shape(indices)[1]
         self.num_experts = num_experts
@@ -175,11 +183,41 @@ class RoutePlan:
         # Rank each assignment within its expert, all first choices before
         # any second choice (Switch/GShard priority), so under pressure a
         # token loses its k-th choice before anyone loses their first.
+        # With a `priority`, the same ranking runs over the assignments
+        # listed by priority instead (one column, `k = 1`), then maps back.
+        ranked, ranked_valid, by_priority = indices, valid, None
+        if priority is not None:
+            by_priority = priority_order(priority)  # [k * tokens]
+            ranked = ops.reshape(
+                ops.take(
+                    ops.reshape(ops.transpose(indices, (1, 0)), (-1,)),
+                    by_priority,
+                ),
+                (-1, 1),
+            )
+            if valid is not None:
+                ranked_valid = ops.take(
+                    ops.tile(ops.cast(valid, "bool"), (top_k,)), by_priority
+                )
         if self.method == "sort":
-            order, position, counts = _rank_by_sort(indices, num_experts, valid)
+            order, position, counts = _rank_by_sort(
+                ranked, num_experts, ranked_valid
+            )
         else:
             order = None
-            position, counts = _rank_by_one_hot(indices, num_experts, valid)
+            position, counts = _rank_by_one_hot(
+                ranked, num_experts, ranked_valid
+            )
+        if by_priority is not None:
+            # Back to choice-major ids: assignment `by_priority[i]` is
+            # the `i`-th ranked.
+            position = ops.scatter(
+                ops.expand_dims(by_priority, -1),
+                position,
+                (ops.shape(by_priority)[0],),
+            )
+            if order is not None:
+                order = ops.take(by_priority, order)
         position = ops.reshape(
             ops.transpose(ops.reshape(position, (top_k, -1)), (1, 0)), (-1,)
         )  # [tokens * k], token-major
@@ -253,6 +291,24 @@ class RoutePlan:
 
 
 PLAN_METHODS = ("one_hot", "sort")
+
+
+def priority_order(priority):
+    """The choice-major ids `j * tokens + t` of a `[..., tokens, k]`
+    priority's assignments, highest priority first, ties in id order
+    (first choices, then token order): `[..., k * tokens]` int32.
+
+    `ops.argsort` is stable on every backend (JAX's by default, torch's
+    asked for, TensorFlow's `top_k` puts the lower index first), so a
+    sort of the negated priority breaks ties by id.
+    """
+    priority = ops.stop_gradient(ops.cast(priority, "float32"))
+    rank = len(priority.shape)
+    axes = tuple(range(rank - 2)) + (rank - 1, rank - 2)
+    flat = ops.reshape(
+        ops.transpose(priority, axes), tuple(priority.shape[:-2]) + (-1,)
+    )
+    return ops.cast(ops.argsort(-flat, axis=-1), "int32")
 
 
 def plan_method(num_experts):

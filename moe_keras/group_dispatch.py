@@ -24,6 +24,8 @@ group): exact, at `E / k` times the expert work.
 from keras import backend
 from keras import ops
 
+from moe_keras import dispatch as dispatch_lib
+
 
 class GroupRoutePlan:
     """Where each assignment of each group goes.
@@ -37,6 +39,9 @@ class GroupRoutePlan:
             groups, which XLA's partitioner keeps on each group's device
             (the scatter it replaces is computed whole on every device
             and summed across them); the plan is the same.
+        priority: optional `[G, n, k]` float (the router weights): within
+            each group, the assignments with the highest priority keep
+            the slots, ties in the default order (see `RoutePlan`).
 
     Attributes (all batched over groups):
         assignment_slot: `[G, n * k]` int32, the slot of each assignment
@@ -48,7 +53,13 @@ class GroupRoutePlan:
     """
 
     def __init__(
-        self, indices, num_experts, capacity_, valid=None, partitioned=False
+        self,
+        indices,
+        num_experts,
+        capacity_,
+        valid=None,
+        partitioned=False,
+        priority=None,
     ):
         num_groups, size, top_k = ops.shape(indices)
         if capacity_ is None:
@@ -64,8 +75,22 @@ class GroupRoutePlan:
         by_choice = ops.reshape(
             ops.transpose(choice, (0, 2, 1, 3)), (num_groups, -1, num_experts)
         )  # [G, k * n, E]
+        if priority is not None:
+            # Rank in priority order, then map back to choice-major ids.
+            by_priority = dispatch_lib.priority_order(priority)  # [G, k*n]
+            by_choice = ops.take_along_axis(
+                by_choice,
+                ops.broadcast_to(by_priority[..., None], ops.shape(by_choice)),
+                axis=1,
+            )
         rank = ops.cumsum(by_choice, axis=1) - by_choice
         position = ops.sum(rank * by_choice, axis=-1)  # [G, k * n]
+        if priority is not None:
+            position = ops.take_along_axis(
+                position,
+                ops.cast(ops.argsort(by_priority, axis=-1), "int32"),
+                axis=-1,
+            )
         position = ops.reshape(
             ops.transpose(
                 ops.reshape(position, (num_groups, top_k, size)), (0, 2, 1)

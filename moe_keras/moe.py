@@ -18,6 +18,7 @@ from moe_keras.experts import ExpertList
 from moe_keras.experts import check_gated
 
 _DISPATCH_MODES = ("auto", "dense", "sparse")
+_DROP_POLICIES = ("position", "probability")
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
@@ -142,6 +143,15 @@ class MoE(keras.layers.Layer):
             distribution one group per device, laid out for expert
             parallelism (see `moe_keras.get_layout_map`); set G to the
             device count to reproduce a sharded run on one device.
+        drop_policy: which assignments an expert keeps when its capacity
+            overflows. `"position"` (default): first choices claim slots
+            before second choices, then token order (Switch, GShard).
+            `"probability"`: the assignments with the highest router
+            weight keep the slots, first and second choices pooled, ties
+            in the `"position"` order (DeepSpeed's `drop_policy='probs'`,
+            V-MoE's priority routing); with `token_groups`, within each
+            group. Matters only with a capacity; dropless dispatch ignores
+            it. Needs `top_k` and a token-choice gate.
         load_balance_weight: float >= 0, weight of the load-balancing loss.
             Defaults to 0.01.
         global_load_balance: bool. Under a `tf.distribute` strategy
@@ -252,6 +262,7 @@ class MoE(keras.layers.Layer):
         eval_capacity_factor=None,
         grouped_matmul="auto",
         token_groups=None,
+        drop_policy="position",
         load_balance_weight=0.01,
         global_load_balance=False,
         z_loss_weight=0.001,
@@ -364,6 +375,9 @@ class MoE(keras.layers.Layer):
         self.token_groups = _validation.positive_int(
             token_groups, "token_groups", allow_none=True
         )
+        self.drop_policy = _validation.one_of(
+            drop_policy, "drop_policy", _DROP_POLICIES
+        )
         self.load_balance_weight = _validation.non_negative_float(
             load_balance_weight, "load_balance_weight"
         )
@@ -424,6 +438,15 @@ class MoE(keras.layers.Layer):
                     "An ExpertChoiceGate needs a `capacity_factor` (tokens "
                     "per expert = capacity_factor * tokens / num_experts)."
                 )
+        if self.drop_policy != "position" and (
+            self.gate.expert_choice or self.top_k is None
+        ):
+            raise ValueError(
+                "`drop_policy` picks which top-k assignments an overflowing "
+                "expert drops; this layer makes none (it needs top_k and a "
+                "token-choice gate). Leave drop_policy='position'; received "
+                f"drop_policy={self.drop_policy!r}."
+            )
         if self.token_groups is not None and (
             self.gate.expert_choice or not self.sparse
         ):
@@ -699,6 +722,7 @@ class MoE(keras.layers.Layer):
             valid,
             custom_gradient=dispatch_lib.custom_gradients(training),
             sorted_rows=sorted_rows,
+            priority=self._drop_priority(weights, capacity),
         )
         buffers = dispatch_lib.dispatch(x, plan)  # [groups, size, features]
         expert_kwargs = {"group_experts": plan.group_expert}
@@ -728,6 +752,13 @@ class MoE(keras.layers.Layer):
             buffers, grouped=True, **expert_kwargs
         )  # [groups, size, units], or [rows, units] sorted
         return dispatch_lib.combine(outputs, weights, plan), dropped
+
+    def _drop_priority(self, weights, capacity):
+        """The `[tokens, k]` priority of the assignments for a slot, or
+        `None` for the default order (also wherever nothing is dropped)."""
+        if self.drop_policy == "probability" and capacity is not None:
+            return weights
+        return None
 
     def _grouped_token_choice(
         self, x, weights, indices, valid, capacity_factor, groups, layout
@@ -760,6 +791,11 @@ class MoE(keras.layers.Layer):
             capacity,
             None if valid is None else split(valid),
             partitioned=layout is not None,
+            priority=(
+                None
+                if self._drop_priority(weights, capacity) is None
+                else split(weights)
+            ),
         )
         buffers = group_dispatch.dispatch(split(x), plan)  # [G, E, C, d]
         if layout is not None:
@@ -1035,6 +1071,7 @@ class MoE(keras.layers.Layer):
                 "eval_capacity_factor": self.eval_capacity_factor,
                 "grouped_matmul": self.grouped_matmul,
                 "token_groups": self.token_groups,
+                "drop_policy": self.drop_policy,
                 "load_balance_weight": self.load_balance_weight,
                 "global_load_balance": self.global_load_balance,
                 "z_loss_weight": self.z_loss_weight,

@@ -102,6 +102,32 @@ def capacity_keep(order, num_experts, capacity, valid=None):
     return keep
 
 
+def capacity_keep_by_probability(
+    order, weights, num_experts, capacity, valid=None
+):
+    """`capacity_keep` under `drop_policy="probability"`: within each
+    expert the assignments with the highest weight (`weights` `[T, k]`,
+    aligned with `order`) keep the slots, first and second choices pooled,
+    ties in `capacity_keep`'s order (first choices, then token order)."""
+    tokens, k = order.shape
+    ranked = sorted(
+        (
+            (-float(weights[t, j]), j, t)
+            for j in range(k)
+            for t in range(tokens)
+            if valid is None or valid[t]
+        ),
+    )
+    keep = np.zeros((tokens, k), bool)
+    used = np.zeros(num_experts, int)
+    for _, j, t in ranked:
+        e = order[t, j]
+        if used[e] < capacity:
+            keep[t, j] = True
+            used[e] += 1
+    return keep
+
+
 def moe_forward(layer, x, capacity=None, valid=None, router_x=None):
     """NumPy forward of an `MoE` layer on `x` `[T, d]` -> `[T, units]`.
 
@@ -116,8 +142,17 @@ def moe_forward(layer, x, capacity=None, valid=None, router_x=None):
         )
         weights, order = top_k_weights(probs, layer.top_k, normalize)
         if capacity is not None:
-            keep = capacity_keep(order, layer.num_experts, capacity, valid)
             rows = np.arange(x.shape[0])[:, None]
+            if getattr(layer, "drop_policy", "position") == "probability":
+                keep = capacity_keep_by_probability(
+                    order,
+                    weights[rows, order],
+                    layer.num_experts,
+                    capacity,
+                    valid,
+                )
+            else:
+                keep = capacity_keep(order, layer.num_experts, capacity, valid)
             weights[rows, order] *= keep
     if valid is not None:
         weights = weights * valid[:, None]

@@ -51,6 +51,9 @@ OPTIONS = {
     "uniform": lambda: dict(gate=moe_keras.UniformGate()),
     "static": lambda: dict(gate=moe_keras.StaticGate(), top_k=1),
     "per_feature": lambda: dict(gate=moe_keras.FeatureGate(), top_k=2),
+    "drop_by_probability": lambda: dict(
+        top_k=2, capacity_factor=0.5, drop_policy="probability"
+    ),
     "deepseek_v3": lambda: dict(
         num_experts=4,
         gate=moe_keras.SigmoidGate(
