@@ -92,6 +92,13 @@ def _positive_float(text):
     return value
 
 
+def _capacity_factor(text):
+    """A number > 0, or `none` for dropless dispatch."""
+    if text.lower() == "none":
+        return None
+    return _positive_float(text)
+
+
 def build_parser():
     parser = _OneLineErrorParser(
         prog=os.path.basename(sys.argv[0]) or "language_model.py",
@@ -137,6 +144,20 @@ def build_parser():
         type=count,
         default=256,
         help="hidden width of one expert; the dense FFN is top-k times wider",
+    )
+    parser.add_argument(
+        "--capacity-factor",
+        type=_capacity_factor,
+        default=1.25,
+        help="the MoE's training capacity factor, or 'none' for dropless "
+        "dispatch (validation is dropless either way)",
+    )
+    parser.add_argument(
+        "--overflow",
+        choices=("drop", "spill"),
+        default="drop",
+        help="what the MoE does with an assignment whose expert is full: "
+        "drop it, or spill it to the token's next-ranked expert with room",
     )
     parser.add_argument(
         "--learning-rate",
@@ -291,6 +312,8 @@ def moe_ffn(args, name):
         activation="gelu",
         use_bias=False,
         top_k=args.top_k,
+        capacity_factor=args.capacity_factor,
+        overflow=args.overflow,
         name=name,
     )
 

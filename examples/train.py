@@ -17,8 +17,11 @@ number of *active* parameters per token), then
 - on the TensorFlow and JAX backends, exports a SavedModel with
   `model.export`, reloads it with `tf.saved_model.load(...).serve` and
   checks the numbers;
-- writes a bar chart of expert load (the fraction of validation tokens
-  whose top choice is each expert) to `<output-dir>/expert_load.png`.
+- logs each MoE layer's routing every epoch (`moe_keras.RoutingMetrics`:
+  dead experts, load spread, router gradient norm and more), says after
+  training whether any expert went unused and what to do about it;
+- writes a bar chart of expert load (each expert's share of the
+  validation tokens' top-k assignments) to `<output-dir>/expert_load.png`.
 
 Usage:
 
@@ -42,6 +45,11 @@ NUM_CLASSES = 4
 # Width of the MoE block (and of each expert's hidden layer).
 UNITS = 32
 POLICIES = ("none", "mixed_float16", "mixed_bfloat16")
+# Ten times the layer's default: at 0.01 the Sequential model's router
+# gives one of its eight experts 0.4% of the assignments (an even share
+# is 12.5%); at 0.1 every expert gets at least half an even share, at the
+# same accuracy.
+LOAD_BALANCE_WEIGHT = 0.1
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -66,6 +74,20 @@ def _int_at_least(minimum):
         return value
 
     return parse
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number, got {text!r}"
+        ) from None
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= 0, got {text}"
+        )
+    return value
 
 
 def _top_k(text):
@@ -108,6 +130,13 @@ def build_parser():
         choices=("auto", "dense", "sparse"),
         default="auto",
         help="how tokens reach the experts (auto: sparse for top-k)",
+    )
+    parser.add_argument(
+        "--load-balance-weight",
+        type=_non_negative_float,
+        default=LOAD_BALANCE_WEIGHT,
+        help="weight of the MoE layers' load-balance loss (raise it if "
+        "experts go unused)",
     )
     parser.add_argument(
         "--epochs", type=_int_at_least(1), default=10, help="training epochs"
@@ -238,6 +267,7 @@ def _block(args, use_moe, features_in, name):
             gate=args.gate,
             top_k=args.top_k,
             dispatch=args.dispatch,
+            load_balance_weight=args.load_balance_weight,
             # Capacity applies while training; at inference give each
             # expert room for every token (C = tokens), so that no token is
             # dropped and a prediction does not depend on the other rows
@@ -351,6 +381,8 @@ def _step_timer():
 def train(model, args, data):
     import keras
 
+    import moe_keras
+
     x_train, y_train, x_val, y_val = data
     model.compile(
         optimizer=keras.optimizers.Adam(3e-3),
@@ -359,16 +391,24 @@ def train(model, args, data):
         jit_compile=True if args.jit_compile else "auto",
     )
     timer = _step_timer()
+    callbacks = [timer]
+    if moe_layers(model):
+        # Routing statistics in the epoch logs, and the gradient that
+        # reaches each router, measured on one batch per epoch.
+        batch = (x_train[: args.batch_size], y_train[: args.batch_size])
+        callbacks.append(moe_keras.RoutingMetrics(gradient_data=batch))
     print(f"\n== {model.name} ==", flush=True)
-    model.fit(
+    history = model.fit(
         x_train,
         y_train,
         validation_data=(x_val, y_val),
         epochs=args.epochs,
         batch_size=args.batch_size,
-        callbacks=[timer],
+        callbacks=callbacks,
         verbose=2,
     )
+    for layer in moe_layers(model):
+        report_routing(model, layer, history.history)
     result = model.evaluate(
         x_val, y_val, batch_size=args.batch_size, return_dict=True, verbose=0
     )
@@ -380,6 +420,37 @@ def train(model, args, data):
         "active": active,
         "step_ms": timer.mean_ms(),
     }
+
+
+def report_routing(model, layer, logs):
+    """Prints the last epoch's routing of `layer` (from `RoutingMetrics`),
+    and what to do if some experts went unused or nearly so."""
+    name, experts = layer.name, layer.num_experts
+
+    def last(key):
+        return logs[f"{name}_{key}"][-1]
+
+    dead = round(last("dead_experts") * experts)
+    smallest, uniform = last("min_expert_load"), 1.0 / experts
+    line = (
+        f"[{model.name}] routing, last epoch: {dead} of {experts} experts "
+        f"dead (no assignment); load CV {last('load_cv'):.3f}; expert "
+        f"load min {smallest:.3f} max {last('max_expert_load'):.3f} "
+        f"(uniform {uniform:.3f})"
+    )
+    if f"{name}_router_grad_norm" in logs:
+        line += f"; router gradient norm {last('router_grad_norm'):.3g}"
+    print(line)
+    if dead or smallest < 0.25 * uniform:
+        print(
+            f"[{model.name}] some experts get (almost) no tokens: their "
+            "weights stop training. Raise --load-balance-weight (now "
+            f"{layer.load_balance_weight}), or train longer; in your own "
+            "models also try router jitter (SoftmaxGate(jitter=0.01)), "
+            "the auxiliary-loss-free bias (bias_update_rate=1e-3) or "
+            "fewer experts. A router gradient norm of 0 means no loss "
+            "reaches the router at all."
+        )
 
 
 def print_table(rows):
@@ -466,20 +537,29 @@ def check_saved_model(model, x, path):
 
 
 def expert_load(model, x):
-    """Per MoE layer: fraction of tokens whose top choice is each expert,
-    from the layer's router applied to the layer's own inputs."""
+    """Per MoE layer: each expert's share of the top-k assignments of the
+    tokens `x` (of the gate weight, for the dense mixture), and each
+    token's top choice, from the layer's router on its own inputs."""
     import keras
     import numpy as np
+
+    import moe_keras
 
     loads = {}
     for layer in moe_layers(model):
         # One direct call: `predict` on a throwaway model would trace a new
         # step function for each (and TensorFlow warns about retracing).
         features = keras.Model(model.inputs[0], layer.input)(x, training=False)
-        probs = keras.ops.convert_to_numpy(layer.gate(features))
+        routing = layer.gate(features, routing=True, top_k=layer.top_k)
+        probs = keras.ops.convert_to_numpy(routing["probs"])
+        if "indices" in routing:
+            share = moe_keras.losses.assignment_fraction(
+                routing["indices"], layer.num_experts
+            )
+        else:
+            share = keras.ops.mean(routing["probs"], axis=0)
         top = np.argmax(probs.reshape(-1, layer.num_experts), axis=-1)
-        counts = np.bincount(top, minlength=layer.num_experts)
-        loads[layer.name] = (counts / max(len(top), 1), top)
+        loads[layer.name] = (keras.ops.convert_to_numpy(share), top)
     return loads
 
 
@@ -502,7 +582,7 @@ def plot_expert_load(loads_by_model, num_experts, path):
         )
     ax.axhline(1.0 / num_experts, color="gray", ls="--", lw=1, label="uniform")
     ax.set_xticks(positions, [f"expert {e}" for e in positions])
-    ax.set_ylabel("fraction of tokens (top choice)")
+    ax.set_ylabel("share of assignments")
     ax.set_title("Expert load on the validation data")
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -611,7 +691,7 @@ def main(argv=None):
                 for c in range(NUM_CLUSTERS)
             ]
             print(
-                f"[{moe_model.name}] expert load "
+                f"[{moe_model.name}] expert load (share of assignments) "
                 f"{np.array2string(load, precision=3)}; share of each "
                 f"cluster sent to its most used expert "
                 f"{np.array2string(np.array(purity), precision=2)}"

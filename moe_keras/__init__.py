@@ -2,6 +2,7 @@
 
 from moe_keras import kernels
 from moe_keras import losses
+from moe_keras._router_gradients import router_gradient_norms
 from moe_keras.callbacks import ExpertLoadCallback
 from moe_keras.callbacks import ExpertPerformanceCallback
 from moe_keras.callbacks import RoutingMetrics
@@ -25,6 +26,8 @@ from moe_keras.gates import UniformGate
 from moe_keras.hub import sparsify
 from moe_keras.hub import upcycle
 from moe_keras.moe import MoE
+from moe_keras.replay import RoutingRecorder
+from moe_keras.replay import RoutingReplayer
 from moe_keras.statistics import RoutingStatistics
 
 __version__ = "0.1.0"
@@ -46,6 +49,8 @@ __all__ = [
     "RandomGate",
     "RoundRobinGate",
     "RoutingMetrics",
+    "RoutingRecorder",
+    "RoutingReplayer",
     "RoutingStatistics",
     "SigmoidGate",
     "SoftmaxGate",
@@ -54,6 +59,7 @@ __all__ = [
     "get_layout_map",
     "kernels",
     "losses",
+    "router_gradient_norms",
     "sparsify",
     "upcycle",
 ]

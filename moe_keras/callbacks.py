@@ -39,15 +39,31 @@ class RoutingMetrics(keras.callbacks.Callback):
     applies) and `<name>_load_balance_loss`, `<name>_z_loss`,
     `<name>_aux_loss`: each the mean over the epoch's training batches,
     read from the layers' state (no extra forward pass, no per-step cost).
-    Validation adds `val_<name>_...` for what inference computed (no
-    losses). Layers made with `log_expert_load=True` add
-    `<name>_expert_load_<i>`.
+    From the epoch's per-expert load: `<name>_dead_experts` (the fraction
+    of experts that took no assignment), `<name>_load_cv` (the load's
+    coefficient of variation, 0 when balanced) and
+    `<name>_min_expert_load`, `<name>_max_expert_load` (fractions of the
+    assignments; 1/E each when balanced). Validation adds
+    `val_<name>_...` for what inference computed (no losses). Layers made
+    with `log_expert_load=True` add `<name>_expert_load_<i>`.
+
+    With `gradient_data`, each epoch's end also measures the gradient
+    that reaches each layer's router (`moe_keras.router_gradient_norms`,
+    one eager forward and backward pass of that batch) and logs
+    `<name>_router_grad_norm` (of the whole training loss) and
+    `<name>_router_aux_grad_norm` (of the added losses alone): 0 shows a
+    router that the loss does not train.
 
     `evaluate` returns what it always returns; its routing statistics are
     in `evaluate_logs` afterwards (and in the logs that callbacks after
     this one see at the end of the evaluation). The model's `MoE` layers
     must keep routing statistics (`routing_statistics=True`, the default):
     a `ValueError` otherwise, as for a model with no `MoE` layer.
+
+    Args:
+        gradient_data: optional tuple `(x, y)` or `(x, y, sample_weight)`,
+            one batch to measure the router gradients on. Defaults to
+            `None`: no gradient is measured.
 
     Attributes:
         evaluate_logs: dict, the routing statistics of the last
@@ -63,16 +79,33 @@ class RoutingMetrics(keras.callbacks.Callback):
     >>> history = model.fit(x, y, epochs=1, verbose=0,
     ...                     callbacks=[RoutingMetrics()])
     >>> sorted(name for name in history.history if name.startswith("moe_"))
-    ['moe_aux_loss', 'moe_dropped_fraction', 'moe_load_balance_loss',
-     'moe_load_imbalance', 'moe_router_entropy', 'moe_z_loss']
+    ['moe_aux_loss', 'moe_dead_experts', 'moe_dropped_fraction',
+     'moe_load_balance_loss', 'moe_load_cv', 'moe_load_imbalance',
+     'moe_max_expert_load', 'moe_min_expert_load', 'moe_router_entropy',
+     'moe_z_loss']
     >>> routing = RoutingMetrics()
     >>> _ = model.evaluate(x, y, verbose=0, callbacks=[routing])
     >>> sorted(routing.evaluate_logs)  # dropless at inference: no drops
-    ['moe_load_imbalance', 'moe_router_entropy']
+    ['moe_dead_experts', 'moe_load_cv', 'moe_load_imbalance',
+     'moe_max_expert_load', 'moe_min_expert_load', 'moe_router_entropy']
+    >>> gradients = RoutingMetrics(gradient_data=(x, y))
+    >>> history = model.fit(x, y, epochs=1, verbose=0, callbacks=[gradients])
+    >>> history.history["moe_router_grad_norm"][0] >= 0.0
+    True
     """
 
-    def __init__(self):
+    def __init__(self, gradient_data=None):
         super().__init__()
+        if gradient_data is not None and (
+            not isinstance(gradient_data, (tuple, list))
+            or len(gradient_data) not in (2, 3)
+        ):
+            raise ValueError(
+                "`gradient_data` must be a tuple `(x, y)` or "
+                "`(x, y, sample_weight)`; received gradient_data of type "
+                f"{type(gradient_data).__name__}."
+            )
+        self.gradient_data = gradient_data
         self.evaluate_logs = {}
         self._validated = False
 
@@ -86,6 +119,7 @@ class RoutingMetrics(keras.callbacks.Callback):
         for layer in self._layers():
             result = layer.statistics.result(phase)
             load = result.pop("expert_load")
+            result.pop("co_selection", None)  # [E, E]: not a log scalar
             for name, value in result.items():
                 logs[f"{prefix}{layer.name}_{name}"] = value
             if layer.log_expert_load:
@@ -104,6 +138,13 @@ class RoutingMetrics(keras.callbacks.Callback):
         logs.update(self._results("train"))
         if self._validated:
             logs.update(self._results("eval", prefix="val_"))
+        if self.gradient_data is not None:
+            from moe_keras._router_gradients import router_gradient_norms
+
+            norms = router_gradient_norms(self.model, *self.gradient_data)
+            for name, norm in norms.items():
+                logs[f"{name}_router_grad_norm"] = norm["total"]
+                logs[f"{name}_router_aux_grad_norm"] = norm["auxiliary"]
 
     def on_test_begin(self, logs=None):
         for layer in self._layers():
@@ -135,9 +176,14 @@ class ExpertLoadCallback(keras.callbacks.Callback):
         data: optional array (or list of arrays) of model inputs to probe
             the routing with. Defaults to `None`: the training batches'
             statistics.
-        log_dir: optional TensorBoard directory: per-expert load scalars
-            (`<layer>/expert_<i>`) and a histogram per layer, each epoch
-            (needs TensorFlow and tensorboard). Defaults to `None`.
+        log_dir: optional TensorBoard directory: each epoch, per layer,
+            per-expert load scalars (`<layer>/expert_<i>`), a histogram
+            of the load (`<layer>/load`), the heat map of load over the
+            epochs so far (image `<layer>/load_heatmap`: a row per
+            expert, a column per epoch, white for the largest load) and
+            the co-selection matrix (image `<layer>/co_selection`, white
+            for the largest entry) where the router picks experts per
+            token (needs TensorFlow and tensorboard). Defaults to `None`.
         heatmap_path: optional PNG path: at the end of training, a heat map
             of load over epochs for every MoE layer (needs matplotlib).
             Defaults to `None`.
@@ -146,6 +192,11 @@ class ExpertLoadCallback(keras.callbacks.Callback):
         history: dict mapping each layer's name to its loads, a list of
             `[experts]` arrays while training and a `[epochs, experts]`
             array when it ends.
+        co_selection: dict mapping the name of each layer whose router
+            picks experts per token to its co-selection matrices (the
+            fraction of tokens that chose both expert i and expert j),
+            a list of `[experts, experts]` arrays while training and a
+            `[epochs, experts, experts]` array when it ends.
 
     Example:
 
@@ -166,12 +217,14 @@ class ExpertLoadCallback(keras.callbacks.Callback):
         self.log_dir = log_dir
         self.heatmap_path = heatmap_path
         self.history = {}
+        self.co_selection = {}
         self._writer = None
         self._probe = None
 
     def on_train_begin(self, logs=None):
         self._layers = _moe_layers(self.model, "ExpertLoadCallback")
         self.history = {layer.name: [] for layer in self._layers}
+        self.co_selection = {layer.name: [] for layer in self._layers}
         self._probe = None
         if self.data is None:
             _tracked(self._layers, "ExpertLoadCallback without `data`")
@@ -192,7 +245,7 @@ class ExpertLoadCallback(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
     def _predicted_loads(self):
-        """Each layer's load over `data`, from its own inference record."""
+        """Each layer's inference record of `data`."""
         kept = [layer.statistics.snapshot("eval") for layer in self._layers]
         try:
             for layer in self._layers:
@@ -203,10 +256,7 @@ class ExpertLoadCallback(keras.callbacks.Callback):
             self.model.predict(
                 self.data, batch_size=max(len(first), 1), verbose=0
             )
-            return [
-                layer.statistics.result("eval")["expert_load"]
-                for layer in self._layers
-            ]
+            return [layer.statistics.result("eval") for layer in self._layers]
         finally:
             for layer, values in zip(self._layers, kept):
                 layer.statistics.restore("eval", values)
@@ -214,16 +264,23 @@ class ExpertLoadCallback(keras.callbacks.Callback):
     def _probe_loads(self):
         if self._probe is None:
             return self._predicted_loads()
+        from moe_keras.statistics import co_selection
+
         inputs = self._probe.predict(self.data, verbose=0)
         if len(self._layers) == 1:
             inputs = [inputs]
-        loads = []
+        results = []
         for layer, x in zip(self._layers, inputs):
             x = np.reshape(x, (-1, x.shape[-1])).astype("float32")
             routing = layer.gate(x, routing=True, top_k=layer.top_k)
             load = layer._token_load(routing, valid=None)
-            loads.append(np.asarray(keras.ops.convert_to_numpy(load)))
-        return loads
+            result = {"expert_load": keras.ops.convert_to_numpy(load)}
+            if "indices" in routing:
+                result["co_selection"] = keras.ops.convert_to_numpy(
+                    co_selection(routing["indices"], layer.num_experts)
+                )
+            results.append(result)
+        return results
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.data is None:
@@ -232,28 +289,49 @@ class ExpertLoadCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.data is not None:
-            loads = self._probe_loads()
+            results = self._probe_loads()
         else:
-            loads = [
-                layer.statistics.result("train")["expert_load"]
-                for layer in self._layers
+            results = [
+                layer.statistics.result("train") for layer in self._layers
             ]
-        for layer, load in zip(self._layers, loads):
-            self.history[layer.name].append(load)
+        for layer, result in zip(self._layers, results):
+            self.history[layer.name].append(np.asarray(result["expert_load"]))
+            if "co_selection" in result:
+                self.co_selection[layer.name].append(
+                    np.asarray(result["co_selection"])
+                )
         if self._writer is not None:
-            import tensorflow as tf
+            self._summaries(results, epoch)
 
-            with self._writer.as_default():
-                for layer, load in zip(self._layers, loads):
-                    for i, value in enumerate(load):
-                        tf.summary.scalar(
-                            f"{layer.name}/expert_{i}", value, step=epoch
-                        )
-                    tf.summary.histogram(f"{layer.name}/load", load, step=epoch)
-            self._writer.flush()
+    def _summaries(self, results, epoch):
+        import tensorflow as tf
+
+        with self._writer.as_default():
+            for layer, result in zip(self._layers, results):
+                load = result["expert_load"]
+                for i, value in enumerate(load):
+                    tf.summary.scalar(
+                        f"{layer.name}/expert_{i}", value, step=epoch
+                    )
+                tf.summary.histogram(f"{layer.name}/load", load, step=epoch)
+                # Row e, column t: expert e's load in epoch t.
+                loads = np.stack(self.history[layer.name], axis=1)
+                tf.summary.image(
+                    f"{layer.name}/load_heatmap", _image(loads), step=epoch
+                )
+                if "co_selection" in result:
+                    tf.summary.image(
+                        f"{layer.name}/co_selection",
+                        _image(result["co_selection"]),
+                        step=epoch,
+                    )
+        self._writer.flush()
 
     def on_train_end(self, logs=None):
         self.history = {k: np.stack(v) for k, v in self.history.items() if v}
+        self.co_selection = {
+            k: np.stack(v) for k, v in self.co_selection.items() if v
+        }
         if self.heatmap_path is not None and self.history:
             self.plot(self.heatmap_path)
 
@@ -280,6 +358,18 @@ class ExpertLoadCallback(keras.callbacks.Callback):
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def _image(matrix, cell=8):
+    """A `[rows, cols]` matrix as one grey TensorBoard image,
+    `[1, rows * cell, cols * cell, 1]` in [0, 1] (divided by its
+    largest entry), each entry a `cell` x `cell` block of pixels so
+    that small matrices are legible."""
+    matrix = np.asarray(matrix, "float32")
+    top = float(matrix.max()) if matrix.size else 0.0
+    scaled = matrix / top if top > 0 else matrix
+    pixels = np.kron(scaled, np.ones((cell, cell), "float32"))
+    return pixels[None, :, :, None]
 
 
 def accuracy_score(y_true, y_pred):

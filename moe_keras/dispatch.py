@@ -137,6 +137,10 @@ class RoutePlan:
     second choices pooled, ties in that same order (DeepSpeed's
     `drop_policy='probs'`, V-MoE's priority routing). It takes no gradient.
 
+    `valid` (optional bool) marks what is routed: `[tokens]` per token
+    (masks), or `[tokens, k]` per assignment (an `MoE` that spilled
+    overflow leaves out the assignments that found no room).
+
     `custom_gradient` (see `custom_gradients`) picks whether the
     dispatch functions below use their hand-written gradients.
 
@@ -185,6 +189,8 @@ class RoutePlan:
         # token loses its k-th choice before anyone loses their first.
         # With a `priority`, the same ranking runs over the assignments
         # listed by priority instead (one column, `k = 1`), then maps back.
+        if valid is not None:
+            valid = _per_assignment(valid, top_k)  # [tokens, k]
         ranked, ranked_valid, by_priority = indices, valid, None
         if priority is not None:
             by_priority = priority_order(priority)  # [k * tokens]
@@ -196,8 +202,12 @@ class RoutePlan:
                 (-1, 1),
             )
             if valid is not None:
-                ranked_valid = ops.take(
-                    ops.tile(ops.cast(valid, "bool"), (top_k,)), by_priority
+                ranked_valid = ops.reshape(
+                    ops.take(
+                        ops.reshape(ops.transpose(valid, (1, 0)), (-1,)),
+                        by_priority,
+                    ),
+                    (-1, 1),
                 )
         if self.method == "sort":
             order, position, counts = _rank_by_sort(
@@ -224,10 +234,7 @@ class RoutePlan:
         if valid is None:
             routed = ops.ones((num_tokens * top_k,), "bool")
         else:
-            routed = ops.reshape(
-                ops.repeat(ops.cast(valid, "bool")[:, None], top_k, axis=1),
-                (-1,),
-            )
+            routed = ops.reshape(valid, (-1,))
         flat_indices = ops.reshape(indices, (-1,))
         self.group_expert = self.group_sizes = None
 
@@ -293,6 +300,15 @@ class RoutePlan:
 PLAN_METHODS = ("one_hot", "sort")
 
 
+def _per_assignment(valid, top_k):
+    """`valid`, per token `[tokens]` or per assignment `[tokens, k]`, as
+    `[tokens, k]` bool."""
+    valid = ops.cast(valid, "bool")
+    if len(valid.shape) == 2:
+        return valid
+    return ops.repeat(valid[:, None], top_k, axis=1)
+
+
 def priority_order(priority):
     """The choice-major ids `j * tokens + t` of a `[..., tokens, k]`
     priority's assignments, highest priority first, ties in id order
@@ -335,7 +351,7 @@ def _rank_by_one_hot(indices, num_experts, valid):
     # [tokens, k, experts]; masked tokens claim no expert at all.
     choice = ops.one_hot(indices, num_experts, dtype="int32")
     if valid is not None:
-        choice = choice * ops.cast(valid, "int32")[:, None, None]
+        choice = choice * ops.cast(valid, "int32")[:, :, None]
     by_choice = ops.reshape(
         ops.transpose(choice, (1, 0, 2)), (-1, num_experts)
     )  # [k * tokens, experts]
@@ -350,8 +366,7 @@ def _rank_by_sort(indices, num_experts, valid):
     masked tokens' assignments last."""
     experts = ops.reshape(ops.transpose(indices, (1, 0)), (-1,))  # [k * T]
     if valid is not None:
-        top_k = ops.shape(indices)[1]
-        present = ops.tile(ops.cast(valid, "bool"), (top_k,))
+        present = ops.reshape(ops.transpose(valid, (1, 0)), (-1,))
         experts = ops.where(present, experts, num_experts)
     n = ops.shape(experts)[0]
     ids = ops.arange(n, dtype="int32")

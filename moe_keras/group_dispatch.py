@@ -34,7 +34,8 @@ class GroupRoutePlan:
         indices: `[G, n, k]` int, the experts each token chose.
         num_experts: int E.
         capacity_: int slots per expert and group, or `None` for `n`.
-        valid: optional `[G, n]` bool, tokens to route (masks, padding).
+        valid: optional `[G, n]` bool, tokens to route (masks, padding),
+            or `[G, n, k]`, assignments to route.
         partitioned: bool, build the inverse map by a sort batched over
             groups, which XLA's partitioner keeps on each group's device
             (the scatter it replaces is computed whole on every device
@@ -70,7 +71,10 @@ class GroupRoutePlan:
 
         choice = ops.one_hot(indices, num_experts, dtype="int32")  # [G,n,k,E]
         if valid is not None:
-            choice = choice * ops.cast(valid, "int32")[..., None, None]
+            valid = ops.cast(valid, "int32")
+            if len(valid.shape) == 2:
+                valid = valid[..., None]
+            choice = choice * valid[..., None]
         # First choices rank before second choices, as without groups.
         by_choice = ops.reshape(
             ops.transpose(choice, (0, 2, 1, 3)), (num_groups, -1, num_experts)

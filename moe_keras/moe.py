@@ -4,6 +4,8 @@ import keras
 from keras import ops
 
 from moe_keras import _config
+from moe_keras import _replay_scope
+from moe_keras import _spill as spill_lib
 from moe_keras import _validation
 from moe_keras import dispatch as dispatch_lib
 from moe_keras import distribution as distribution_lib
@@ -19,6 +21,8 @@ from moe_keras.experts import check_gated
 
 _DISPATCH_MODES = ("auto", "dense", "sparse")
 _DROP_POLICIES = ("position", "probability")
+_OVERFLOWS = ("drop", "spill")
+_SPILL_ROUNDS = 2
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
@@ -70,9 +74,10 @@ class MoE(keras.layers.Layer):
 
     The layer keeps a record of its routing (`layer.statistics`, a
     `RoutingStatistics`: dropped fraction, load imbalance, router entropy,
-    the auxiliary losses and each expert's load), as non-trainable
-    variables updated in `call`, like `BatchNormalization`'s moving
-    statistics. It changes nothing that `fit`, `evaluate` or
+    the auxiliary losses, each expert's load and what it shows (dead
+    experts, load spread), and which experts tokens choose together), as
+    non-trainable variables updated in `call`, like `BatchNormalization`'s
+    moving statistics. It changes nothing that `fit`, `evaluate` or
     `train_on_batch` return; pass `moe_keras.RoutingMetrics()` as a
     callback to see it in the logs.
 
@@ -152,6 +157,31 @@ class MoE(keras.layers.Layer):
             V-MoE's priority routing); with `token_groups`, within each
             group. Matters only with a capacity; dropless dispatch ignores
             it. Needs `top_k` and a token-choice gate.
+        overflow: what becomes of an assignment the capacity plan (and
+            `drop_policy`) left without a slot. `"drop"` (default): it is
+            dropped. `"spill"`: it moves to the position's next-ranked
+            expert that still has room, ranked by the scores the gate's
+            top-k ranked by (its probabilities, plus any selection bias,
+            within its `top_groups` under `expert_groups`), skipping the
+            experts the position already uses. In each of `spill_rounds`
+            rounds every position with an assignment left over offers its
+            first one to its next expert; an expert takes offers while it
+            has slots, in the `drop_policy` order of the assignments, and
+            nothing placed is ever displaced (with `token_groups`, within
+            each group). After the rounds, what found no room is dropped,
+            and only that counts in `dropped_fraction`. Each assignment's
+            combine weight is then the gate's probability of the expert it
+            ends at, renormalised over the position's k assignments (those
+            dropped included, at their own expert) and scaled as the gate
+            does, so with nothing to spill the output is `"drop"`'s. Needs
+            `top_k`, a token-choice gate that ranks experts by scores
+            (not `HashGate`, `RoundRobinGate`, `RandomGate`), without
+            per-feature weights or gate dropout. Without a capacity
+            (dropless, the default at inference) and with dense dispatch
+            nothing overflows, and it changes nothing.
+        spill_rounds: int >= 1, with `overflow="spill"`: how many further
+            experts a position may try, at most `num_experts - top_k`.
+            Each round costs a sort of the tokens. Defaults to 2.
         load_balance_weight: float >= 0, weight of the load-balancing loss.
             Defaults to 0.01.
         global_load_balance: bool. Under a `tf.distribute` strategy
@@ -211,6 +241,13 @@ class MoE(keras.layers.Layer):
             the gate scores instead of `inputs`, while the experts still
             run on `inputs`: for a router that sees the position before a
             normalisation only the experts get (Gemma 4).
+        expert_indices: optional integers, the inputs' shape with the
+            features replaced by `top_k`: the experts each position uses,
+            replaying a recorded routing instead of the gate's choice
+            (top-k token-choice routing only). The combine weights are
+            the router's for those experts, so it still gets gradients.
+            `moe_keras.RoutingReplayer` passes them to every `MoE` layer
+            of a model; `moe_keras.RoutingRecorder` records them.
 
     Input shape:
         `(batch, ..., features)`, any rank >= 2; routing is per position.
@@ -263,6 +300,8 @@ class MoE(keras.layers.Layer):
         grouped_matmul="auto",
         token_groups=None,
         drop_policy="position",
+        overflow="drop",
+        spill_rounds=_SPILL_ROUNDS,
         load_balance_weight=0.01,
         global_load_balance=False,
         z_loss_weight=0.001,
@@ -378,6 +417,10 @@ class MoE(keras.layers.Layer):
         self.drop_policy = _validation.one_of(
             drop_policy, "drop_policy", _DROP_POLICIES
         )
+        self.overflow = _validation.one_of(overflow, "overflow", _OVERFLOWS)
+        self.spill_rounds = _validation.positive_int(
+            spill_rounds, "spill_rounds"
+        )
         self.load_balance_weight = _validation.non_negative_float(
             load_balance_weight, "load_balance_weight"
         )
@@ -447,6 +490,7 @@ class MoE(keras.layers.Layer):
                 "token-choice gate). Leave drop_policy='position'; received "
                 f"drop_policy={self.drop_policy!r}."
             )
+        self._check_overflow()
         if self.token_groups is not None and (
             self.gate.expert_choice or not self.sparse
         ):
@@ -507,6 +551,47 @@ class MoE(keras.layers.Layer):
                 "Dropless dispatch (capacity_factor=None) needs stacked "
                 "expert weights; with a list of `experts` set a "
                 "`capacity_factor` or use dispatch='dense'."
+            )
+
+    def _check_overflow(self):
+        if self.overflow == "drop":
+            if self.spill_rounds != _SPILL_ROUNDS:
+                raise ValueError(
+                    "`spill_rounds` bounds how far overflow spills, which "
+                    "needs overflow='spill'; received overflow='drop', "
+                    f"spill_rounds={self.spill_rounds}."
+                )
+            return
+        gate = self.gate
+        if gate.expert_choice or self.top_k is None:
+            raise ValueError(
+                "overflow='spill' moves a top-k assignment that found its "
+                "expert full to the position's next-ranked expert; this "
+                "layer makes none (it needs top_k and a token-choice "
+                "gate). Use overflow='drop'."
+            )
+        if not gate.ranks_by_score:
+            raise ValueError(
+                "overflow='spill' moves overflow to each position's "
+                f"next-ranked expert, but {type(gate).__name__} assigns "
+                "experts by rule and ranks no others. Use a gate with "
+                "scores (e.g. 'softmax') or overflow='drop'."
+            )
+        # The weights of moved assignments are recomputed from the gate's
+        # probabilities: per-feature weights and dropout would be lost.
+        if getattr(gate, "per_feature", False):
+            raise ValueError(
+                "overflow='spill' recomputes the combine weight of a moved "
+                "assignment from the gate's probabilities, which cannot "
+                f"rebuild {type(gate).__name__}'s per-feature weights. Use "
+                "overflow='drop'."
+            )
+        if gate.dropout > 0:
+            raise ValueError(
+                "overflow='spill' recomputes the combine weights of the "
+                "assignments it moves, which would undo the gate's "
+                f"dropout={gate.dropout}. Use gate dropout=0 or "
+                "overflow='drop'."
             )
 
     @property
@@ -608,6 +693,7 @@ class MoE(keras.layers.Layer):
         routing_ids=None,
         inputs_mask=None,
         router_inputs=None,
+        expert_indices=None,
     ):
         # With `routing_ids` Keras passes the inputs' mask as `inputs_mask`.
         mask = mask if mask is not None else inputs_mask
@@ -621,6 +707,11 @@ class MoE(keras.layers.Layer):
         scored = x
         if router_inputs is not None:
             scored = self._router_inputs(router_inputs, inputs)
+        scope = _replay_scope.current()
+        if not self._replayable:
+            scope = None  # nothing to record or replay: routed as usual
+        forced = self._forced_indices(expert_indices, inputs, scope)
+        replay = {} if forced is None else {"indices": forced}
 
         routing = self.gate(
             scored,
@@ -629,7 +720,10 @@ class MoE(keras.layers.Layer):
             top_k=self.top_k,
             routing_mask=valid,
             routing_ids=routing_ids,
+            **replay,
         )
+        if scope is not None and scope.replay is None:
+            scope.record(self, routing["indices"])
         if self.combine == "vote":
             # Voting fusion: each expert votes its class (inference only).
             y = voting.vote(self, x, routing, training)
@@ -663,12 +757,57 @@ class MoE(keras.layers.Layer):
             self.statistics.update(
                 training,
                 load,
+                indices=routing.get("indices"),
+                valid=valid,
                 dropped_fraction=dropped,
                 load_imbalance=ops.max(load) * self.num_experts,
                 router_entropy=losses.router_entropy(routing["probs"], valid),
                 **auxiliary,
             )
         return ops.reshape(y, tuple(shape[:-1]) + (self.units,))
+
+    @property
+    def _replayable(self):
+        """Whether each position makes a top-k choice of experts, which
+        a routing recorder records and a replayer replays."""
+        return self.top_k is not None and not self.gate.expert_choice
+
+    def _forced_indices(self, expert_indices, inputs, scope):
+        """`[tokens, top_k]` int32 experts to replay, or `None`: the
+        `expert_indices` argument, else a replaying scope's entry."""
+        name = "expert_indices"
+        if expert_indices is None and scope is not None:
+            expert_indices = scope.forced(self)
+            name = "routing"
+        if expert_indices is None:
+            return None
+        if not self._replayable:
+            raise ValueError(
+                f"MoE layer '{self.name}' was given `expert_indices`, but "
+                "it makes no per-position top-k choice of experts to "
+                "replay (it has top_k=None, the dense mixture, or an "
+                "ExpertChoiceGate, whose experts choose tokens)."
+            )
+        _replay_scope.check_indices(
+            expert_indices, self.num_experts, self.top_k, name, self.name
+        )
+        if name == "expert_indices":
+            # Given directly: the inputs' shape, features replaced by k.
+            expected = tuple(inputs.shape[:-1]) + (self.top_k,)
+            shape = tuple(expert_indices.shape)
+            if len(shape) != len(expected) or any(
+                a is not None and b is not None and a != b
+                for a, b in zip(shape, expected)
+            ):
+                raise ValueError(
+                    f"`expert_indices` of MoE layer '{self.name}' must have "
+                    f"the inputs' shape with the features replaced by "
+                    f"top_k, {expected}; received shape {shape}."
+                )
+        indices = ops.reshape(
+            ops.cast(expert_indices, "int32"), (-1, self.top_k)
+        )
+        return self._on_token_devices(indices)
 
     def _router_inputs(self, router_inputs, inputs):
         """`router_inputs` as `[tokens, features]`, checked against the
@@ -709,7 +848,7 @@ class MoE(keras.layers.Layer):
         groups = self.token_groups or (layout.num_devices if layout else 1)
         if groups > 1:
             return self._grouped_token_choice(
-                x, weights, indices, valid, capacity_factor, groups, layout
+                x, routing, valid, capacity_factor, groups, layout
             )
         capacity = dispatch_lib.capacity(
             ops.shape(x)[0], self.top_k, self.num_experts, capacity_factor
@@ -724,6 +863,30 @@ class MoE(keras.layers.Layer):
             sorted_rows=sorted_rows,
             priority=self._drop_priority(weights, capacity),
         )
+        dropped = None
+        if capacity is not None:
+            dropped = plan.dropped / ops.maximum(plan.routed, 1.0)
+        if self._spills(capacity):
+            indices, weights, placed = self._spill_overflow(
+                routing["probs"],
+                self._spill_scores(routing),
+                weights,
+                indices,
+                ops.reshape(plan.kept, (-1, self.top_k)),
+                valid,
+                capacity,
+                groups=1,
+            )
+            routed = plan.routed
+            # Every placed assignment fits: the plan drops nothing more.
+            plan = dispatch_lib.RoutePlan(
+                indices,
+                self.num_experts,
+                capacity,
+                placed,
+                custom_gradient=dispatch_lib.custom_gradients(training),
+            )
+            dropped = (routed - plan.routed) / ops.maximum(routed, 1.0)
         buffers = dispatch_lib.dispatch(x, plan)  # [groups, size, features]
         expert_kwargs = {"group_experts": plan.group_expert}
         if sorted_rows:
@@ -733,9 +896,6 @@ class MoE(keras.layers.Layer):
                 "group_sizes": plan.group_sizes,
                 "implementation": self._grouped_matmul,
             }
-        dropped = None
-        if capacity is not None:
-            dropped = plan.dropped / ops.maximum(plan.routed, 1.0)
         if self._experts_scale_rows(weights):
             # The experts weight their own hidden activations: the combine
             # is then a plain gather-sum, and the step keeps no slot-sized
@@ -760,11 +920,71 @@ class MoE(keras.layers.Layer):
             return weights
         return None
 
+    def _spills(self, capacity):
+        """Whether overflow spills here: `overflow="spill"`, a capacity,
+        and experts past the top-k to spill to."""
+        return (
+            self.overflow == "spill"
+            and capacity is not None
+            and self.top_k < self.num_experts
+        )
+
+    def _spill_scores(self, routing):
+        scores = routing.get("scores")
+        if scores is None:
+            raise ValueError(
+                f"Layer {self.name} has overflow='spill', which moves "
+                "overflow down each position's ranking of experts, but its "
+                f"gate {type(self.gate).__name__} returned no `scores` to "
+                "rank by in its routing dict (see `Gate.route`)."
+            )
+        return scores
+
+    def _spill_overflow(
+        self, probs, scores, weights, indices, kept, valid, capacity, groups
+    ):
+        """`overflow="spill"` (see `moe_keras._spill`): the assignments
+        `kept` `[tokens, k]` stay, the others move to the next-ranked
+        experts with room, within each of `groups` equal token groups.
+
+        Returns `(indices, weights, placed)`, all `[tokens, k]`: each
+        assignment's final expert, its combine weight there (the gate's
+        probability, normalised over the token's k final experts and
+        scaled as the gate does, so spilling nothing changes nothing) and
+        whether it has a slot."""
+        rounds = min(self.spill_rounds, self.num_experts - self.top_k)
+        ranked, usable = spill_lib.candidates(scores, indices, rounds)
+        routed = ops.ones(ops.shape(indices), "bool")
+        if valid is not None:
+            routed = ops.logical_and(routed, ops.cast(valid, "bool")[:, None])
+        priority = self._drop_priority(weights, capacity)
+
+        def split(t):  # [tokens, ...] -> [groups, tokens / groups, ...]
+            return ops.reshape(t, (groups, -1) + tuple(t.shape[1:]))
+
+        indices, placed = spill_lib.spill(
+            split(indices),
+            split(kept),
+            split(routed),
+            split(ranked),
+            split(usable),
+            capacity,
+            self.num_experts,
+            None if priority is None else split(priority),
+        )
+        indices = ops.reshape(indices, (-1, self.top_k))
+        weights, _ = self.gate.select(probs, self.top_k, indices)
+        return indices, weights, ops.reshape(placed, (-1, self.top_k))
+
     def _grouped_token_choice(
-        self, x, weights, indices, valid, capacity_factor, groups, layout
+        self, x, routing, valid, capacity_factor, groups, layout
     ):
         """Sparse dispatch in `groups` token groups (see `group_dispatch`),
         laid out for expert parallelism under a Keras distribution."""
+        weights, indices = routing["weights"], routing["indices"]
+        probs = scores = None
+        if self.overflow == "spill":
+            probs, scores = routing["probs"], self._spill_scores(routing)
         num_tokens, features = ops.shape(x)[0], ops.shape(x)[1]
         padding = (-num_tokens) % groups
         if not isinstance(padding, int) or padding:
@@ -777,6 +997,8 @@ class MoE(keras.layers.Layer):
                 present = ops.cast(valid, "int32")
             x, indices, weights = pad(x), pad(indices), pad(weights)
             valid = ops.cast(pad(present), "bool")
+            if scores is not None:
+                probs, scores = pad(probs), pad(scores)
         size = (num_tokens + padding) // groups
         capacity = dispatch_lib.capacity(
             size, self.top_k, self.num_experts, capacity_factor
@@ -797,6 +1019,26 @@ class MoE(keras.layers.Layer):
                 else split(weights)
             ),
         )
+        routed, dropped = plan.routed, plan.dropped
+        if self._spills(capacity):
+            indices, weights, placed = self._spill_overflow(
+                probs,
+                scores,
+                weights,
+                indices,
+                ops.reshape(plan.kept, (-1, self.top_k)),
+                valid,
+                capacity,
+                groups,
+            )
+            plan = group_dispatch.GroupRoutePlan(
+                split(indices),
+                self.num_experts,
+                capacity,
+                split(placed),
+                partitioned=layout is not None,
+            )
+            dropped = routed - plan.routed
         buffers = group_dispatch.dispatch(split(x), plan)  # [G, E, C, d]
         if layout is not None:
             buffers = layout.token_side(buffers)
@@ -823,10 +1065,9 @@ class MoE(keras.layers.Layer):
             outputs = layout.token_side(outputs)
         y = group_dispatch.combine(outputs, split(weights), plan)
         y = ops.reshape(y, (-1, self.units))[:num_tokens]  # [tokens, u]
-        dropped = None
-        if capacity_factor is not None:
-            dropped = plan.dropped / ops.maximum(plan.routed, 1.0)
-        return y, dropped
+        if capacity_factor is None:
+            return y, None
+        return y, dropped / ops.maximum(routed, 1.0)
 
     def _on_token_devices(self, x):
         """Under an expert layout, each device routes the tokens of its
@@ -1072,6 +1313,8 @@ class MoE(keras.layers.Layer):
                 "grouped_matmul": self.grouped_matmul,
                 "token_groups": self.token_groups,
                 "drop_policy": self.drop_policy,
+                "overflow": self.overflow,
+                "spill_rounds": self.spill_rounds,
                 "load_balance_weight": self.load_balance_weight,
                 "global_load_balance": self.global_load_balance,
                 "z_loss_weight": self.z_loss_weight,

@@ -144,8 +144,11 @@ def _flops(compiled):
     return analysis["flops"]
 
 
-@pytest.mark.parametrize("gated", [False, True], ids=["relu", "swiglu"])
-@pytest.mark.parametrize("shape", [(2, 4), (1, 8)])
+# Two of the four mesh x expert-form pairs: each compiles a sharded step,
+# and the collectives depend on the mesh, not on the form.
+@pytest.mark.parametrize(
+    "shape, gated", [((2, 4), False), ((1, 8), True)], ids=["relu", "swiglu"]
+)
 def test_tokens_travel_by_all_to_all_and_expert_weights_stay(shape, gated):
     x = np.random.default_rng(1).normal(size=(256, 16)).astype("float32")
     mesh = _distribute(shape)

@@ -128,11 +128,71 @@ def capacity_keep_by_probability(
     return keep
 
 
+def capacity_spill(
+    order, scores, num_experts, capacity, rounds, valid=None, priority=None
+):
+    """`overflow="spill"`, one assignment at a time: `(final [T, k],
+    placed [T, k] bool)`.
+
+    First the capacity plan of the drop policy (`priority`, the `[T, k]`
+    weights, for "probability"; `None` for "position"). Then, in each of
+    `rounds` rounds, every token with an unplaced assignment offers its
+    first one (lowest choice) to the next expert of its ranking: the
+    experts it does not use, by `scores` `[T, E]` (highest first, lower
+    index among ties; never one at -inf or NaN). The offers are granted
+    while their expert has room, in the drop policy's order of the
+    offering assignments; a refused expert is not offered again.
+    """
+    tokens, k = order.shape
+    if priority is None:
+        keep = capacity_keep(order, num_experts, capacity, valid)
+        sequence = [(j, t) for j in range(k) for t in range(tokens)]
+    else:
+        keep = capacity_keep_by_probability(
+            order, priority, num_experts, capacity, valid
+        )
+        sequence = sorted(
+            ((j, t) for j in range(k) for t in range(tokens)),
+            key=lambda a: (-float(priority[a[1], a[0]]), a[0], a[1]),
+        )
+    rank = {a: i for i, a in enumerate(sequence)}
+    used = np.zeros(num_experts, int)
+    for t in range(tokens):
+        for j in range(k):
+            used[order[t, j]] += keep[t, j]
+    ranking = []
+    for t in range(tokens):
+        others = [
+            e
+            for e in range(num_experts)
+            if e not in order[t] and scores[t, e] > -np.inf
+        ]
+        ranking.append(sorted(others, key=lambda e: (-scores[t, e], e)))
+    final, placed = order.copy(), keep.copy()
+    for r in range(rounds):
+        offers = []
+        for t in range(tokens):
+            if valid is not None and not valid[t]:
+                continue
+            waiting = [j for j in range(k) if not placed[t, j]]
+            if waiting and r < len(ranking[t]):
+                j = waiting[0]
+                offers.append((rank[(j, t)], t, j, ranking[t][r]))
+        for _, t, j, e in sorted(offers):
+            if used[e] < capacity:
+                used[e] += 1
+                final[t, j], placed[t, j] = e, True
+    return final, placed
+
+
 def moe_forward(layer, x, capacity=None, valid=None, router_x=None):
     """NumPy forward of an `MoE` layer on `x` `[T, d]` -> `[T, units]`.
 
     With `capacity`, assignments that do not fit are dropped, as the sparse
-    dispatch does. `router_x`: what the gate scores, if not `x`."""
+    dispatch does, or spilled (`overflow="spill"`, see `capacity_spill`:
+    the weights are then the probabilities at the final experts,
+    renormalised over the k as the gate does). `router_x`: what the gate
+    scores, if not `x`."""
     probs, _ = gate_forward(layer.gate, x if router_x is None else router_x)
     if layer.top_k is None:
         weights = probs
@@ -141,7 +201,25 @@ def moe_forward(layer, x, capacity=None, valid=None, router_x=None):
             type(layer.gate).__name__ == "SoftmaxGate" and layer.top_k > 1
         )
         weights, order = top_k_weights(probs, layer.top_k, normalize)
-        if capacity is not None:
+        spills = getattr(layer, "overflow", "drop") == "spill"
+        if capacity is not None and spills:
+            rows = np.arange(x.shape[0])[:, None]
+            by_probability = layer.drop_policy == "probability"
+            final, placed = capacity_spill(
+                order,
+                probs,
+                layer.num_experts,
+                capacity,
+                min(layer.spill_rounds, layer.num_experts - layer.top_k),
+                valid,
+                weights[rows, order] if by_probability else None,
+            )
+            kept = probs[rows, final]
+            if normalize:
+                kept = kept / kept.sum(-1, keepdims=True)
+            weights = np.zeros_like(probs)
+            weights[rows, final] = kept * placed
+        elif capacity is not None:
             rows = np.arange(x.shape[0])[:, None]
             if getattr(layer, "drop_policy", "position") == "probability":
                 keep = capacity_keep_by_probability(

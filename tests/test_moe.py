@@ -65,9 +65,9 @@ def test_layer_contract(kwargs, num_weights, tmp_path):
         expected_output_shape=(8, 5),
         expected_num_trainable_weights=num_weights,
         expected_num_losses=2,
-        # The routing statistics: sums, counts, load and batches, for
-        # training and for inference.
-        expected_num_non_trainable_weights=8,
+        # The routing statistics: sums, counts, load, batches and
+        # co-selection, for training and for inference.
+        expected_num_non_trainable_weights=10,
         tmp_path=tmp_path,
     )
 

@@ -8,6 +8,7 @@ float8: inputs and kernel through `float8_e4m3fn` with the initial unit
 scales).
 """
 
+import gc
 import math
 import os
 
@@ -23,6 +24,18 @@ from tests.backend_marks import NO_EXPORT
 from tests.grad_utils import gradients
 
 BACKEND = keras.backend.backend()
+
+
+@pytest.fixture(autouse=True)
+def _no_full_collection_per_deleted_kernel(monkeypatch):
+    """Keras' `Layer.__delattr__` runs `gc.collect()` for each float
+    kernel `quantize` deletes, to free device memory at once. Late in a
+    test session each collection walks every earlier test's objects, which
+    made these tests take seconds each; they check numbers, not when
+    memory is freed."""
+    monkeypatch.setattr(gc, "collect", lambda *args, **kwargs: 0)
+
+
 MODES = ("int8", "int4", "float8")
 # Experts, features, hidden units, units (odd: int4 packs two to a byte).
 E, D, H, U = 4, 8, 6, 5

@@ -260,3 +260,223 @@ def test_files_saved_before_the_statistics_load_unchanged():
         x, _x((8, 5, 2)), verbose=0, callbacks=[RoutingMetrics()]
     )
     assert "moe_a_load_imbalance" in history.history
+
+
+# --------------------------------------------------------------------------
+# Dead experts, load spread, co-selection, router gradients, TensorBoard
+# --------------------------------------------------------------------------
+
+JIT = keras.backend.backend() != "torch"  # torch.compile: see backend_marks
+
+
+def _starved_layer(name):
+    """A top-2 layer of 4 experts on 3 features whose expert 3 can never
+    win a slot on inputs >= 0: its logit is -5 * sum(x), expert i's
+    (i < 3) is 2 * x_i >= 0, so the two largest features pick."""
+    layer = MoE(4, 2, top_k=2, name=name)
+    layer.build((None, 3))
+    kernel = np.full((3, 4), -5.0, "float32")
+    kernel[:, :3] = 2 * np.eye(3)
+    layer.gate.kernel.assign(kernel)
+    return layer
+
+
+def _numpy_selection(layer, x, valid):
+    """Per-batch load `[E]` and co-selection `[E, E]` of the unmasked
+    tokens of `x` `[T, d]`."""
+    probs, _ = reference.gate_forward(layer.gate, x)
+    _, order = reference.top_k_weights(probs, layer.top_k, True)
+    order = order[valid]
+    chose = np.zeros((len(order), layer.num_experts))
+    np.put_along_axis(chose, order, 1.0, axis=1)
+    load = np.bincount(order.ravel(), minlength=layer.num_experts)
+    return load / order.size, chose.T @ chose / len(order)
+
+
+def _spread(load):
+    return {
+        "dead_experts": np.mean(load == 0),
+        "load_cv": np.std(load) / np.mean(load),
+        "min_expert_load": load.min(),
+        "max_expert_load": load.max(),
+    }
+
+
+def test_dead_experts_load_spread_and_co_selection_match_numpy():
+    # Through `fit` (XLA-compiled where the backend allows) with masked
+    # padding; a zero learning rate keeps the router as set.
+    layer = _starved_layer("moe")
+    model = keras.Sequential(
+        [keras.Input((4, 3)), keras.layers.Masking(0.0), layer]
+    )
+    model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=JIT)
+    x = np.abs(_x((6, 4, 3)))
+    x[:, 3] = 0.0  # padding: masked, chooses nothing
+    x[0, 2] = 0.0
+    history = model.fit(
+        x,
+        _x((6, 4, 2), 1),
+        batch_size=3,
+        shuffle=False,
+        validation_data=(x[:3], _x((3, 4, 2), 2)),
+        callbacks=[RoutingMetrics()],
+        verbose=0,
+    )
+    logs = {k: v[-1] for k, v in history.history.items()}
+    loads, pairs = zip(
+        *(
+            _numpy_selection(layer, b.reshape(-1, 3), b.reshape(-1, 3).any(-1))
+            for b in (x[:3], x[3:])
+        )
+    )
+    load = np.mean(loads, 0)
+    assert load[3] == 0.0 and load[:3].min() > 0
+    for name, value in _spread(load).items():
+        assert logs[f"moe_{name}"] == pytest.approx(value, rel=1e-5), name
+    val_load, _ = _numpy_selection(
+        layer, x[:3].reshape(-1, 3), x[:3].reshape(-1, 3).any(-1)
+    )
+    for name, value in _spread(val_load).items():
+        assert logs[f"val_moe_{name}"] == pytest.approx(value, rel=1e-5)
+    result = layer.statistics.result("train")
+    np.testing.assert_allclose(
+        result["co_selection"], np.mean(pairs, 0), atol=1e-6
+    )
+    assert "moe_co_selection" not in logs  # a matrix, not a log scalar
+
+
+def test_dense_mixture_has_no_co_selection_and_no_dead_expert():
+    layer = MoE(3, 2, top_k=None)
+    layer(_x((5, 2)))
+    result = layer.statistics.result("eval")
+    probs, _ = reference.gate_forward(layer.gate, _x((5, 2)))
+    assert "co_selection" not in result
+    assert result["dead_experts"] == 0.0
+    assert result["load_cv"] == pytest.approx(
+        np.std(probs.mean(0)) / np.mean(probs.mean(0)), rel=1e-4
+    )
+
+
+def _regression(seed, **kwargs):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input((2,)), MoE(3, 2, hidden_units=4, name="moe", **kwargs)]
+    )
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    return model
+
+
+def _finite_difference_norms(model, x, y, eps=1e-3):
+    """Central differences of the training loss and of the added losses
+    over each entry of the router kernel: no autodiff."""
+    kernel = model.get_layer("moe").gate.kernel
+    start = keras.ops.convert_to_numpy(kernel).astype("float64")
+
+    def losses(value):
+        kernel.assign(value.astype("float32"))
+        y_pred = model(x, training=True)
+        total = model.compute_loss(x, y, y_pred, training=True)
+        added = sum(float(keras.ops.convert_to_numpy(v)) for v in model.losses)
+        return np.array([float(keras.ops.convert_to_numpy(total)), added])
+
+    grads = np.zeros((2,) + start.shape)
+    for index in np.ndindex(start.shape):
+        step = np.zeros_like(start)
+        step[index] = eps
+        grads[(slice(None),) + index] = (
+            losses(start + step) - losses(start - step)
+        ) / (2 * eps)
+    kernel.assign(start.astype("float32"))
+    return np.sqrt((grads**2).sum(axis=(1, 2)))
+
+
+def test_router_gradient_norms_match_finite_differences():
+    model = _regression(0, top_k=2, load_balance_weight=0.5)
+    x, y = _x((8, 2), 3), _x((8, 2), 4)
+    model.get_layer("moe").statistics.reset()
+    norms = moe_keras.router_gradient_norms(model, x, y)["moe"]
+    # Measured without a trace: no routing record, no changed weight.
+    assert model.get_layer("moe").statistics.result("train") == {
+        "expert_load": pytest.approx(np.zeros(3))
+    }
+    total, added = _finite_difference_norms(model, x, y)
+    assert norms["total"] == pytest.approx(total, rel=2e-2)
+    assert norms["auxiliary"] == pytest.approx(added, rel=2e-2)
+    assert added > 0 and total > added
+
+
+def test_router_gradient_is_zero_where_no_loss_reaches_the_router():
+    # Top-1 with its weight renormalised to 1: the output does not depend
+    # on the router's probabilities, so only auxiliary losses train it.
+    gate = dict(top_k=1, gate=moe_keras.SoftmaxGate(normalize_top_k=True))
+    x, y = _x((8, 2), 3), _x((8, 2), 4)
+    cut = _regression(0, load_balance_weight=0.0, z_loss_weight=0.0, **gate)
+    norms = moe_keras.router_gradient_norms(cut, x, y)["moe"]
+    assert norms["total"] < 1e-6 and norms["auxiliary"] == 0.0
+    # A balance loss reaches it: all of its gradient is that loss's.
+    balanced = _regression(0, load_balance_weight=0.5, **gate)
+    norms = moe_keras.router_gradient_norms(balanced, x, y)["moe"]
+    assert norms["auxiliary"] > 1e-3
+    assert norms["total"] == pytest.approx(norms["auxiliary"], rel=1e-4)
+
+
+def test_routing_metrics_logs_the_router_gradient_norms():
+    model = _regression(1, top_k=2)
+    x, y = _x((8, 2), 3), _x((8, 2), 4)
+    callback = RoutingMetrics(gradient_data=(x, y))
+    history = model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    # SGD(0): the router the callback measured is the one still there.
+    norms = moe_keras.router_gradient_norms(model, x, y)["moe"]
+    logs = history.history
+    assert logs["moe_router_grad_norm"][0] == pytest.approx(norms["total"])
+    assert logs["moe_router_aux_grad_norm"][0] == pytest.approx(
+        norms["auxiliary"]
+    )
+    with pytest.raises(ValueError, match="gradient_data"):
+        RoutingMetrics(gradient_data=x)
+
+
+def test_expert_load_callback_writes_heat_map_and_co_selection_images(
+    tmp_path,
+):
+    tf = pytest.importorskip("tensorflow")
+    pytest.importorskip("tensorboard")
+    layer = _starved_layer("moe")
+    model = keras.Sequential([keras.Input((3,)), layer])
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x = np.abs(_x((8, 3)))
+    callback = moe_keras.ExpertLoadCallback(log_dir=str(tmp_path / "load"))
+    # Keras' own TensorBoard callback writes what RoutingMetrics logs.
+    board = keras.callbacks.TensorBoard(str(tmp_path / "keras"))
+    model.fit(
+        x,
+        _x((8, 2), 1),
+        epochs=2,
+        verbose=0,
+        callbacks=[callback, RoutingMetrics(), board],
+    )
+    images, scalars = {}, {}
+    for path in tmp_path.rglob("events.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == "epoch_moe_dead_experts":
+                    scalars[event.step] = tf.make_ndarray(value.tensor)
+                if value.tag in ("moe/load_heatmap", "moe/co_selection"):
+                    png = tf.make_ndarray(value.tensor)[2]
+                    images[value.tag, event.step] = tf.io.decode_png(
+                        png
+                    ).numpy()[..., 0]
+    load, pairs = _numpy_selection(layer, x, np.ones(8, bool))
+    # The heat map of the last epoch: a row per expert, a column per
+    # epoch, 8 x 8 pixels per entry, white for the largest load.
+    heat_map = np.kron(np.stack([load, load], 1), np.ones((8, 8)))
+    np.testing.assert_allclose(
+        images["moe/load_heatmap", 1], 255 * heat_map / load.max(), atol=1
+    )
+    assert images["moe/load_heatmap", 0].shape == (32, 8)
+    co_selection = np.kron(pairs, np.ones((8, 8)))
+    np.testing.assert_allclose(
+        images["moe/co_selection", 1], 255 * co_selection / pairs.max(), atol=1
+    )
+    np.testing.assert_allclose(callback.co_selection["moe"][-1], pairs)
+    assert scalars == {0: 0.25, 1: 0.25}  # expert 3 of 4 never chosen

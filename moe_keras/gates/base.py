@@ -1,5 +1,7 @@
 """The router base class and the helpers every gate family shares."""
 
+import inspect
+
 import keras
 from keras import ops
 
@@ -10,26 +12,41 @@ from moe_keras import losses as losses_lib
 
 def top_k_indices(scores, k):
     """Indices `[T, k]` int32 of each row's k largest scores, best first,
-    the lower index first among ties (as `ops.top_k`).
+    the lower index first among ties.
 
-    Written as k rounds of argmax: the routers' k is small, and unlike
-    the `top_k` op this lowers to plain reductions on every backend, so a
-    model exported from JAX (a StableHLO `top_k` that TensorFlow 2.21
-    cannot load) serves in TensorFlow.
+    Written as k rounds of argmax-like reductions: the routers' k is
+    small, and unlike the `top_k` op this lowers to plain reductions on
+    every backend, so a model exported from JAX (a StableHLO `top_k` that
+    TensorFlow 2.21 cannot load) serves in TensorFlow. The tie rule is
+    explicit rather than left to `argmax` (whose choice among ties
+    TensorFlow does not promise), so that a routing recorded on one
+    backend replays on another.
     """
     num = ops.shape(scores)[-1]
     columns = ops.arange(num, dtype="int32")
     picked = []
+    taken = ops.zeros_like(scores) > 0  # [T, E] bool: picked already
     for _ in range(k):
-        index = ops.cast(ops.argmax(scores, axis=-1), "int32")  # [T]
-        picked.append(index)
-        # Out of the running: -inf, and NaN rows stay NaN (their argmax
-        # is some valid index either way).
-        scores = ops.where(
-            columns[None, :] == index[:, None],
-            ops.cast(float("-inf"), scores.dtype),
-            scores,
+        first = ops.cast(ops.argmax(scores, axis=-1), "int32")  # [T]
+        # The best score by a gather, not `max`, which fails on an empty
+        # batch in TensorFlow.
+        best = ops.take_along_axis(scores, first[:, None], axis=-1)
+        # Not `scores == best` alone: in a row of -inf a picked column
+        # (set to -inf) would tie with the rest and be picked again.
+        candidate = ops.logical_and(scores == best, ops.logical_not(taken))
+        # The candidates' columns are distinct, so their minimum is
+        # unique: `argmin` finds the lowest without a tie to break.
+        lowest = ops.cast(
+            ops.argmin(ops.where(candidate, columns[None, :], num), axis=-1),
+            "int32",
         )
+        # A NaN row has no column equal to its max: its argmax, some
+        # valid index, stands in (and NaN rows stay NaN).
+        index = ops.where(ops.any(candidate, axis=-1), lowest, first)  # [T]
+        picked.append(index)
+        hit = columns[None, :] == index[:, None]
+        taken = ops.logical_or(taken, hit)
+        scores = ops.where(hit, ops.cast(float("-inf"), scores.dtype), scores)
     return ops.stack(picked, axis=-1)
 
 
@@ -169,6 +186,12 @@ class Gate(keras.layers.Layer):
             gate's own losses leave out.
         routing_ids: optional integer ids, one per position, for id-based
             gates (`HashGate`, `ClusterGate`); other gates ignore them.
+        indices: optional `(tokens, top_k)` int32, with `routing=True` and
+            `top_k`: the experts each position uses, replaying a recorded
+            routing (see `moe_keras.RoutingReplayer`) instead of the
+            gate's own choice. The combine weights are then the gate's
+            probabilities of those experts, renormalised and scaled as its
+            own choice would be, so the router still gets gradients.
 
     Input shape:
         `(..., features)`.
@@ -178,8 +201,9 @@ class Gate(keras.layers.Layer):
         a dict: the router's `logits` and `probs`, `(tokens, num_experts)`
         float32; the combine `weights`, `(tokens, top_k)` (or
         `(tokens, num_experts)` with `top_k=None`); the selected `indices`,
-        `(tokens, top_k)` int32, when `top_k` is set; and `losses`, the
-        gate's own auxiliary losses by name.
+        `(tokens, top_k)` int32, and the `scores` they were ranked by
+        (`selection_scores`), `(tokens, num_experts)`, when `top_k` is
+        set; and `losses`, the gate's own auxiliary losses by name.
 
     Example:
 
@@ -192,7 +216,7 @@ class Gate(keras.layers.Layer):
     (3, 4)
     >>> routing = gate(x, routing=True, top_k=2)
     >>> sorted(routing)
-    ['indices', 'logits', 'losses', 'probs', 'weights']
+    ['indices', 'logits', 'losses', 'probs', 'scores', 'weights']
     >>> tuple(routing["indices"].shape)
     (3, 2)
     """
@@ -203,6 +227,7 @@ class Gate(keras.layers.Layer):
     needs_ids = False  # routes by token id (see HashGate)
     uses_randomness = False  # draws random numbers on every call
     scores_inputs = True  # the scores are a function of the inputs
+    ranks_by_score = True  # top-k is the best k of `selection_scores`
 
     def __init__(
         self,
@@ -506,16 +531,29 @@ class Gate(keras.layers.Layer):
             return weights
         return weights * self.routed_scaling_factor
 
-    def select(self, probs, top_k):
-        """The `top_k` experts of each position and their combine weights,
-        `(weights, indices)`, both `[T, top_k]`."""
+    def selection_scores(self, probs):
+        """`[T, E]`: the scores the top-k ranks experts by, `probs` plus
+        any `selection_bias`, and `-inf` outside each position's
+        `top_groups` under `expert_groups`."""
         scores = probs
         if self.selection_bias is not None:
             scores = probs + self.selection_bias
         if self.expert_groups is not None:
-            self.check_groups(self.num_experts, top_k)
             scores = self.limit_to_groups(scores)
-        indices = top_k_indices(scores, top_k)
+        return scores
+
+    def select(self, probs, top_k, indices=None):
+        """The `top_k` experts of each position and their combine weights,
+        `(weights, indices)`, both `[T, top_k]`.
+
+        With `indices` (`[T, top_k]` int32, a replayed routing) those are
+        the experts: the weights are then their probabilities, renormalised
+        and scaled as a choice of the gate's own would be, so the router
+        still learns from them."""
+        if indices is None:
+            if self.expert_groups is not None:
+                self.check_groups(self.num_experts, top_k)
+            indices = top_k_indices(self.selection_scores(probs), top_k)
         weights = ops.take_along_axis(probs, indices, axis=-1)
         if self.normalizes(top_k):
             total = ops.sum(weights, axis=-1, keepdims=True)
@@ -524,9 +562,18 @@ class Gate(keras.layers.Layer):
 
     # --- routing ---------------------------------------------------------
 
-    def route(self, x, top_k, training=None, mask=None, routing_ids=None):
+    def route(
+        self,
+        x,
+        top_k,
+        training=None,
+        mask=None,
+        routing_ids=None,
+        indices=None,
+    ):
         """The routing dict of the package docstring for tokens `x`
-        `[T, d]`."""
+        `[T, d]`; `indices` (`[T, top_k]` int32) replays a routing (see
+        `select`)."""
         logits = self.compute_logits(x, training, routing_ids)
         probs = self.probabilities(logits)
         routing = {"logits": logits, "probs": probs, "losses": {}}
@@ -540,7 +587,14 @@ class Gate(keras.layers.Layer):
                 )
             routing["weights"] = self.scale(probs)
         else:
-            routing["weights"], routing["indices"] = self.select(probs, top_k)
+            # Read before the selection bias moves: what the top-k ranked
+            # by, for an `MoE` that spills overflow down the ranking.
+            routing["scores"] = self.selection_scores(probs)
+            routing["weights"], routing["indices"] = self.select(
+                probs, top_k, indices
+            )
+            # Under a replayed routing too: the bias then follows the load
+            # the experts really get.
             if training and self.selection_bias is not None:
                 self.update_selection_bias(routing["indices"], mask)
         if training and self.dropout > 0:
@@ -548,6 +602,24 @@ class Gate(keras.layers.Layer):
                 routing["weights"], self.dropout, seed=self.seed_generator
             )
         return routing
+
+    def check_replay(self, top_k):
+        """Raises where this gate cannot route with given `indices`."""
+        if top_k is None or self.expert_choice:
+            raise ValueError(
+                f"Gate '{self.name}' was given `indices` to replay, but it "
+                "makes no per-position top-k choice of experts here (the "
+                "dense mixture, top_k=None, or experts choosing tokens): "
+                "there is nothing to replay."
+            )
+        params = inspect.signature(self.route).parameters
+        if "indices" not in params:
+            raise ValueError(
+                f"Gate '{self.name}' ({type(self).__name__}) routes with its "
+                "own `route`, which takes no `indices`, so it cannot replay "
+                "a recorded routing: accept `indices=None` in `route` and "
+                "pass it on to `select`."
+            )
 
     def update_selection_bias(self, indices, mask):
         load = losses_lib.assignment_fraction(indices, self.num_experts, mask)
@@ -565,10 +637,15 @@ class Gate(keras.layers.Layer):
         top_k=None,
         routing_mask=None,
         routing_ids=None,
+        indices=None,
     ):
         if routing:
+            extra = {}
+            if indices is not None:
+                self.check_replay(top_k)
+                extra["indices"] = indices
             return self.route(
-                inputs, top_k, training, routing_mask, routing_ids
+                inputs, top_k, training, routing_mask, routing_ids, **extra
             )
         return self.probabilities(
             self.compute_logits(inputs, training, routing_ids)

@@ -107,8 +107,16 @@ class FeatureGate(SoftmaxGate):
             return broadcast_rows(x, self.kernel)  # [T, E]
         return super().compute_logits(x, training, routing_ids)
 
-    def route(self, x, top_k, training=None, mask=None, routing_ids=None):
-        routing = super().route(x, top_k, training, mask, routing_ids)
+    def route(
+        self,
+        x,
+        top_k,
+        training=None,
+        mask=None,
+        routing_ids=None,
+        indices=None,
+    ):
+        routing = super().route(x, top_k, training, mask, routing_ids, indices)
         if self.input_dependent:
             per_feature = ops.sigmoid(ops.matmul(x, self.feature_kernel))
             per_feature = ops.reshape(

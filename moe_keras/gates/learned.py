@@ -298,15 +298,27 @@ class NoisyTopKGate(SoftmaxGate):
             regularizer=self.kernel_regularizer,
         )
 
-    def route(self, x, top_k, training=None, mask=None, routing_ids=None):
-        if not training or top_k is None:
-            return super().route(x, top_k, training, mask, routing_ids)
+    def route(
+        self,
+        x,
+        top_k,
+        training=None,
+        mask=None,
+        routing_ids=None,
+        indices=None,
+    ):
+        # The noise explores the choice of experts; a replayed routing
+        # makes that choice, so it routes noiselessly (and so reproduces
+        # a recording made at inference).
+        if not training or top_k is None or indices is not None:
+            return super().route(x, top_k, training, mask, routing_ids, indices)
         clean = self.compute_logits(x, training)
         noise_std = ops.softplus(ops.matmul(x, self.noise_kernel)) + 1e-2
         noisy = clean + noise_std * keras.random.normal(
             ops.shape(clean), seed=self.seed_generator, dtype=clean.dtype
         )
         probs = ops.softmax(noisy, axis=-1)
+        scores = self.selection_scores(probs)  # before the bias moves
         weights, indices = self.select(probs, top_k)
         if self.selection_bias is not None:
             self.update_selection_bias(indices, mask)
@@ -332,6 +344,7 @@ class NoisyTopKGate(SoftmaxGate):
         return {
             "logits": clean,
             "probs": probs,
+            "scores": scores,
             "weights": weights,
             "indices": indices,
             "losses": routing_losses,

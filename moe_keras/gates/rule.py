@@ -23,6 +23,7 @@ class _FixedGate(Gate):
 
     learned = False
     scores_inputs = False
+    ranks_by_score = False  # assigns by rule: no next-best expert
     inference_modes = ()  # the first is the default
 
     def __init__(self, num_experts=None, inference=None, **kwargs):
@@ -64,16 +65,25 @@ class _FixedGate(Gate):
     def probabilities(self, logits):
         return ops.softmax(logits, axis=-1)
 
-    def route(self, x, top_k, training=None, mask=None, routing_ids=None):
+    def route(
+        self,
+        x,
+        top_k,
+        training=None,
+        mask=None,
+        routing_ids=None,
+        indices=None,
+    ):
         logits = self.compute_logits(x, training, routing_ids)
         routing = {"logits": logits, "losses": {}}
         if top_k is None:
             routing["probs"] = routing["weights"] = self.probabilities(logits)
             return routing
-        if not training and self.inference == "hash":
+        # A replayed assignment (`indices`) is weighted 1/k as any other.
+        if indices is None and not training and self.inference == "hash":
             # [T, E] -> [T, k]: a function of each position's input alone.
             indices = top_k_indices(ops.matmul(x, self.projection), top_k)
-        else:
+        elif indices is None:
             indices = self.assign(x, top_k, training, routing_ids)
         routing["indices"] = indices
         routing["weights"] = ops.full(
