@@ -37,6 +37,7 @@ class RoutingMetrics(keras.callbacks.Callback):
     carry, per layer, `<name>_load_imbalance` (max over mean expert load),
     `<name>_router_entropy`, `<name>_dropped_fraction` (where a capacity
     applies) and `<name>_load_balance_loss`, `<name>_z_loss`,
+    `<name>_sequence_balance_loss` (where its weight is set),
     `<name>_aux_loss`: each the mean over the epoch's training batches,
     read from the layers' state (no extra forward pass, no per-step cost).
     From the epoch's per-expert load: `<name>_dead_experts` (the fraction

@@ -27,6 +27,7 @@ STATISTICS = (
     "router_entropy",
     "load_balance_loss",
     "z_loss",
+    "sequence_balance_loss",
     "aux_loss",
 )
 # Counted like the statistics (a batch that computed it adds 1), with no
@@ -49,8 +50,9 @@ class RoutingStatistics:
             assignments routed (only where a capacity applies).
         load_imbalance: max over mean expert load, 1 when balanced.
         router_entropy: mean entropy (nats) of the router's distribution.
-        load_balance_loss, z_loss, aux_loss: the auxiliary losses the layer
-            added, with their weights (training only); `aux_loss` is their
+        load_balance_loss, z_loss, sequence_balance_loss, aux_loss: the
+            auxiliary losses the layer added, with their weights (training
+            only, each where its weight is non-zero); `aux_loss` is their
             sum with any loss of the gate.
         expert_load: `[E]`, the fraction of assignments each expert took.
 

@@ -287,8 +287,9 @@ def test_moe_adds_the_sequence_balance_loss(gate_class):
         _distribution(gate_class, probs), order, 8, 4, mask.reshape(-1)
     )
     np.testing.assert_allclose(float(_np(loss)), expected, rtol=1e-5)
-    # The routing record's total counts it.
+    # The routing record keeps it, alone and in the total.
     result = layer.statistics.result("train")
+    assert result["sequence_balance_loss"] == pytest.approx(expected, rel=1e-5)
     assert result["aux_loss"] == pytest.approx(expected, rel=1e-5)
 
 
