@@ -229,7 +229,11 @@ def test_sparsified_training_step_matches(pair):
             model.train_on_batch(x, y, sample_weight=x["padding_mask"])
         )
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
-    _close(sparse.predict_on_batch(x), original.predict_on_batch(x), 1e-4)
+    # A step of learning rate 1 on random weights magnifies the float32
+    # rounding by which the two paths' sums differ (up to ~2e-4 seen, as
+    # threads split TensorFlow's reductions differently); a gradient put
+    # in the wrong place moves these logits by far more.
+    _close(sparse.predict_on_batch(x), original.predict_on_batch(x), 1e-3)
 
 
 def test_sparsify_backbone_and_capacity_factor():
