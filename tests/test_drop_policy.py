@@ -12,9 +12,7 @@ import os
 import keras
 import numpy as np
 import pytest
-from hypothesis import HealthCheck
 from hypothesis import given
-from hypothesis import settings
 from hypothesis import strategies as st
 
 from moe_keras import MoE
@@ -23,6 +21,7 @@ from moe_keras import gates as gates_lib
 from moe_keras import group_dispatch
 from tests import reference
 from tests.backend_marks import NO_JIT
+from tests.backend_marks import derandomized
 from tests.grad_utils import gradients
 
 BACKEND = keras.backend.backend()
@@ -426,14 +425,7 @@ def test_policy_needs_token_choice_top_k(kwargs):
 
 # --- property ---------------------------------------------------------------
 
-SETTINGS = settings(
-    # The same derandomized draws on every backend; JAX compiles every new
-    # shape of an eager call, so it takes fewer.
-    max_examples=4 if BACKEND == "jax" else 25,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+SETTINGS = derandomized(25, jax_examples=4)
 
 
 @st.composite

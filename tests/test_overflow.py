@@ -8,9 +8,7 @@ import os
 import keras
 import numpy as np
 import pytest
-from hypothesis import HealthCheck
 from hypothesis import given
-from hypothesis import settings
 from hypothesis import strategies as st
 
 import moe_keras
@@ -19,6 +17,7 @@ from moe_keras import _spill
 from moe_keras import dispatch as dispatch_lib
 from tests import reference
 from tests.backend_marks import NO_JIT
+from tests.backend_marks import derandomized
 from tests.grad_utils import gradients
 
 BACKEND = keras.backend.backend()
@@ -319,14 +318,7 @@ def test_bad_arguments(kwargs, match):
 
 # --- property ---------------------------------------------------------------
 
-SETTINGS = settings(
-    # The same derandomized draws on every backend; JAX compiles every new
-    # shape of an eager call, so it takes fewer.
-    max_examples=4 if BACKEND == "jax" else 25,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+SETTINGS = derandomized(25, jax_examples=4)
 
 
 @st.composite

@@ -17,25 +17,16 @@ every one of them:
 
 import keras
 import numpy as np
-from hypothesis import HealthCheck
 from hypothesis import given
-from hypothesis import settings
 from hypothesis import strategies as st
 
 from moe_keras import MoE
 from moe_keras import dispatch as dispatch_lib
 from tests import reference
+from tests.backend_marks import derandomized
 
 BACKEND = keras.backend.backend()
-SETTINGS = settings(
-    # The same derandomized draws on every backend; JAX, which compiles
-    # every new shape of an eager call, takes the first 6 (the other
-    # backends check all 50 of the backend-agnostic code).
-    max_examples=6 if BACKEND == "jax" else 50,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+SETTINGS = derandomized(50, jax_examples=6)
 GROUPED = ["blocks", "reference"]
 EXPERT_FORMS = [
     dict(),
