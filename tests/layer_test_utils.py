@@ -6,6 +6,7 @@ predictions, a training step that moves every trainable weight, and a
 mixed-precision call.
 """
 
+import json
 import os
 
 import keras
@@ -16,6 +17,21 @@ def _inputs(input_shape, seed=0):
     return (
         np.random.RandomState(seed).normal(size=input_shape).astype("float32")
     )
+
+
+def reload_keras_file(model, x, tmp_path):
+    """Saves `model` to a `.keras` file and loads it back: the reloaded
+    model has the same config (to the JSON) and predicts `x` exactly as
+    `model` does. Returns the reloaded model."""
+    before = model.predict(x, verbose=0)
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert json.dumps(reloaded.get_config(), sort_keys=True) == json.dumps(
+        model.get_config(), sort_keys=True
+    )
+    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), before)
+    return reloaded
 
 
 def run_layer_test(

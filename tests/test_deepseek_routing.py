@@ -3,9 +3,6 @@ the sequence-wise balance loss, each against a NumPy reference written
 from the formulas, through `MoE` (dense and dropless sparse dispatch),
 `.keras` files and XLA."""
 
-import json
-import os
-
 import keras
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ from moe_keras import MoE
 from moe_keras import losses
 from tests import reference
 from tests.backend_marks import NO_JIT
+from tests.layer_test_utils import reload_keras_file
 
 GATES = [moe_keras.SoftmaxGate, moe_keras.SigmoidGate]
 
@@ -504,14 +502,7 @@ def test_config_and_keras_file_round_trip(tmp_path):
     # A trained selection bias is saved with the model.
     model.compile("adam", "mse")
     model.train_on_batch(x, _x((2, 6, 4), 1))
-    before = model.predict(x, verbose=0)
-    path = os.path.join(tmp_path, "m.keras")
-    model.save(path)
-    reloaded = keras.saving.load_model(path)
-    assert json.dumps(reloaded.get_config(), sort_keys=True) == json.dumps(
-        model.get_config(), sort_keys=True
-    )
-    np.testing.assert_array_equal(reloaded.predict(x, verbose=0), before)
+    reload_keras_file(model, x, tmp_path)
     # A gate config from before these options loads with them off.
     old = {
         k: v
